@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 # No test may touch the network: the hub is offline and W&B (when a test switches it on) too.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -6,6 +7,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the tiny offline model is written here once per test session, not into the user's cache
+os.environ["ALIGNMENT_CACHE"] = tempfile.mkdtemp(prefix="alignment-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

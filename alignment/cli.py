@@ -1,0 +1,91 @@
+"""`python cli.py fit --config X.yaml`: LightningCLI over the preference modules, with run directories."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from alignment.callbacks import AdapterExport
+from alignment.data import PreferenceDataModule
+from alignment.model import ModelLoadError
+from alignment.modules import PreferenceModule
+from alignment.rows import DataError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """`--config orpo_tinyllama.yaml` finds configs/orpo_tinyllama.yaml when no such file is in the cwd."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        value, prefix = None, ""
+        if arg == "--config" and i + 1 < len(out):
+            value, i = out[i + 1], i + 1
+        elif arg.startswith("--config="):
+            value, prefix = arg.split("=", 1)[1], "--config="
+        if value is None or Path(value).exists():
+            continue
+        for candidate in (Path("configs") / value, CONFIG_DIR / value, CONFIG_DIR / f"{value}.yaml"):
+            if candidate.is_file():
+                out[i] = prefix + str(candidate)
+                break
+    return out
+
+
+class AlignmentCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--wandb", type=bool, default=False, help="also log to Weights & Biases")
+        parser.add_argument("--wandb_project", type=str, default="preference-alignment")
+        parser.link_arguments("model.init_args.base", "data.tokenizer")
+        parser.link_arguments("model.init_args.revision", "data.revision")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.default_root_dir is None:
+            # a fixed directory per run: `--ckpt_path last` finds nothing otherwise
+            files = config.get("config") or []
+            name = Path(str(files[-1])).stem if files else config.model.class_path.rsplit(".", 1)[-1].lower()
+            config.trainer.default_root_dir = str(Path("runs") / name)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        root = Path(config["default_root_dir"])
+        subcommand_config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("logger") in (None, True):
+            loggers = [CSVLogger(save_dir=root, name="", version="")]
+            if subcommand_config.get("wandb"):
+                from lightning.pytorch.loggers import WandbLogger
+
+                loggers.append(WandbLogger(project=subcommand_config.wandb_project, name=root.name, save_dir=root))
+            config["logger"] = loggers
+        callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0))
+        callbacks.append(AdapterExport(root / "adapter"))
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alignment").setLevel(logging.INFO)
+    argv = resolve_config_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run_cli(argv)
+    except (DataError, ModelLoadError) as err:  # the user's input, not our bug: no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(argv: list[str]) -> AlignmentCLI:
+    return AlignmentCLI(
+        PreferenceModule,
+        PreferenceDataModule,
+        subclass_mode_model=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=42,
+        trainer_defaults={"max_epochs": 1, "log_every_n_steps": 1},
+        args=argv,
+    )

@@ -1,0 +1,311 @@
+"""Preference pairs → token ids → padded (2B, T) batches, and the DataModule that wires them."""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from alignment.model import TINY, load_tokenizer
+from alignment.rows import DataError, PreferenceRow, load_rows
+
+log = logging.getLogger(__name__)
+
+DEMO_PAIRS = Path(__file__).parent / "assets" / "demo_pairs.jsonl"
+IGNORE_INDEX = -100
+
+
+class TokenizedPair(NamedTuple):
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # the answer only; the full chosen sequence is prompt_ids + chosen_ids
+    rejected_ids: list[int]
+    index: int  # position of the pair in its split
+
+
+class PreferenceBatch(NamedTuple):
+    input_ids: Tensor  # (2B, T) chosen rows first, then rejected rows, right-padded
+    attention_mask: Tensor  # (2B, T) 1 on real tokens
+    labels: Tensor  # (2B, T) = input_ids on answer tokens, IGNORE_INDEX on prompt and padding
+    index: Tensor  # (B,) position of each pair in its split
+
+
+# ---- text → ids -----------------------------------------------------------------------------------------------
+
+
+def _as_messages(part: str | list[dict[str, str]], role: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": part}] if isinstance(part, str) else list(part)
+
+
+def render_pair(row: PreferenceRow, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> tuple[str, ...]:
+    """(prompt, chosen, rejected) as text; the prompt is rendered once, so both answers share its boundary."""
+    if not use_chat_template:
+        if not isinstance(row.prompt, str):
+            raise DataError(
+                f"{row.source}: rows are chat messages but no chat template is used "
+                "(the tokenizer has none, or --data.use_chat_template false)"
+            )
+        prompt = f"{row.system}\n\n{row.prompt}" if row.system else row.prompt
+        return prompt, row.chosen, row.rejected  # EOS is appended to the answers as an id, not as text
+    messages = _as_messages(row.prompt, "user")
+    if row.system:
+        if messages and messages[0]["role"] == "system":
+            raise DataError(f"{row.source}: the row has both a system field and a system message in its prompt")
+        messages = [{"role": "system", "content": row.system}] + messages
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    answers = []
+    for answer in (row.chosen, row.rejected):
+        full = tokenizer.apply_chat_template(messages + _as_messages(answer, "assistant"), tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError(
+                f"{row.source}: the chat template renders the prompt differently inside the whole conversation, "
+                "so the prompt/answer boundary cannot be found; try --data.use_chat_template false"
+            )
+        answers.append(full[len(prompt) :])
+    return prompt, answers[0], answers[1]
+
+
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def tokenize_rows(
+    rows: list[PreferenceRow], tokenizer: PreTrainedTokenizerBase, use_chat_template: bool, desc: str = "tokenizing"
+) -> list[tuple[list[int], list[int], list[int]]]:
+    """Token ids of (prompt, chosen, rejected) per row, before truncation.
+
+    Texts are tokenized without special tokens; BOS goes in front of the prompt when the tokenizer would
+    add it, and EOS ends the answers when no chat template (which writes its own end of turn) is used.
+    """
+    texts = [render_pair(row, tokenizer, use_chat_template) for row in rows]
+    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    eos = [] if use_chat_template else [tokenizer.eos_token_id]
+    encoded: list[tuple[list[int], list[int], list[int]]] = []
+    chunk = 1024
+    for start in tqdm(range(0, len(texts), chunk), desc=desc, disable=len(texts) <= chunk, unit="chunk"):
+        part = texts[start : start + chunk]
+        columns = [tokenizer([t[i] for t in part], add_special_tokens=False)["input_ids"] for i in range(3)]
+        for prompt, chosen, rejected in zip(*columns, strict=True):
+            if bos and prompt[:1] != bos:
+                prompt = bos + prompt
+            encoded.append((prompt, chosen + eos, rejected + eos))
+    return encoded
+
+
+# ---- pure functions on ids ---------------------------------------------------------------------------------------
+
+
+def truncate_pair(
+    prompt_ids: list[int],
+    chosen_ids: list[int],
+    rejected_ids: list[int],
+    index: int,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+) -> TokenizedPair | None:
+    """Fit a pair into max_length: the prompt keeps its END (at most max_prompt_length tokens), the answers
+    keep their START. None when no answer token would be left."""
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        return None
+    return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room], index)
+
+
+def collate_pairs(pairs: list[TokenizedPair], *, pad_id: int, pad_to_multiple_of: int = 1) -> PreferenceBatch:
+    """Stack B pairs into one (2B, T) batch: chosen rows, then rejected rows, right-padded."""
+    sequences = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    prompt_lengths = [len(p.prompt_ids) for p in pairs] * 2
+    width = max(len(s) for s in sequences)
+    width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        ids = torch.tensor(sequence, dtype=torch.long)
+        input_ids[row, : len(sequence)] = ids
+        attention_mask[row, : len(sequence)] = 1
+        labels[row, prompt_length : len(sequence)] = ids[prompt_length:]
+    index = torch.tensor([p.index for p in pairs], dtype=torch.long)
+    return PreferenceBatch(input_ids, attention_mask, labels, index)
+
+
+class PairDataset(Dataset):
+    def __init__(self, pairs: list[TokenizedPair]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> TokenizedPair:
+        return self.pairs[i]
+
+
+def build_pairs(
+    rows: list[PreferenceRow],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    use_chat_template: bool,
+    max_length: int,
+    max_prompt_length: int | None,
+    split: str,
+) -> list[TokenizedPair]:
+    """Tokenize and truncate a split; says in the log how many rows were cut and dropped."""
+    encoded = tokenize_rows(rows, tokenizer, use_chat_template, desc=f"tokenizing {split}")
+    pairs, dropped, cut_prompts, cut_answers, same = [], [], 0, 0, 0
+    for row, (prompt, chosen, rejected) in zip(rows, encoded, strict=True):
+        pair = truncate_pair(
+            prompt, chosen, rejected, len(pairs), max_length=max_length, max_prompt_length=max_prompt_length
+        )
+        if pair is None:
+            dropped.append(row.source)
+            continue
+        cut_prompts += len(pair.prompt_ids) < len(prompt)
+        cut_answers += len(pair.chosen_ids) < len(chosen) or len(pair.rejected_ids) < len(rejected)
+        same += pair.chosen_ids == pair.rejected_ids
+        pairs.append(pair)
+    log.info(
+        "%s: %d pairs; %d prompts cut to max_prompt_length=%s, %d pairs with answers cut to max_length=%d",
+        split, len(pairs), cut_prompts, max_prompt_length, cut_answers, max_length,
+    )  # fmt: skip
+    if dropped:
+        log.warning(
+            "%s: dropped %d pairs whose prompt leaves no room for an answer in max_length=%d (first: %s)",
+            split, len(dropped), max_length, ", ".join(dropped[:3]),
+        )  # fmt: skip
+    if same:
+        log.warning("%s: %d pairs have identical chosen and rejected tokens after truncation", split, same)
+    if not pairs:
+        raise DataError(f"{split}: no pair fits in max_length={max_length} (max_prompt_length={max_prompt_length})")
+    return pairs
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs from a file (JSONL, JSON, Parquet, CSV) or a `datasets` hub name.
+
+    Args:
+        path: the training pairs; None uses the small demo set bundled with the package.
+        split: split to read when `path` is a hub dataset.
+        val_path: validation pairs (file or hub name); without it, `val_fraction` of `path` is held out.
+        val_split: split of `val_path` (or of `path` when `val_path` is None) to validate on instead.
+        val_fraction: share of the training rows held out (seeded) when no validation set is named; 0: none.
+        columns: our field -> the data's column, e.g. {"prompt": "question", "system": "system"}.
+        limit: read only the first N rows of each file (quick experiments).
+        tokenizer: the base model's name or path (linked from the model by the CLI).
+        use_chat_template: apply the tokenizer's chat template; None: when the tokenizer has one.
+        max_length: tokens of prompt + answer; answers are cut at the end to fit.
+        max_prompt_length: the prompt keeps its last tokens; None: no separate limit.
+        pad_to_multiple_of: pad batch width to a multiple of this (8 suits tensor cores).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        split: str = "train",
+        val_path: str | None = None,
+        val_split: str | None = None,
+        val_fraction: float = 0.1,
+        columns: dict[str, str] | None = None,
+        limit: int | None = None,
+        tokenizer: str = TINY,
+        revision: str | None = None,
+        use_chat_template: bool | None = None,
+        max_length: int = 1024,
+        max_prompt_length: int | None = 512,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        pad_to_multiple_of: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+    ):
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.train_set: PairDataset | None = None
+        self.val_set: PairDataset | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+
+    def prepare_data(self) -> None:
+        # hub datasets download here, once per node; local files are read in setup()
+        for path, split in self._sources():
+            if path is not None and not Path(path).exists():
+                load_rows(path, split=split, columns=self.hparams.columns, limit=self.hparams.limit)
+
+    def _sources(self) -> list[tuple[str | None, str]]:
+        hp = self.hparams
+        sources: list[tuple[str | None, str]] = [(hp.path, hp.split)]
+        if hp.val_path is not None or hp.val_split is not None:
+            sources.append((hp.val_path or hp.path, hp.val_split or hp.split))
+        return sources
+
+    def _read(self, path: str | None, split: str) -> list[PreferenceRow]:
+        return load_rows(str(path or DEMO_PAIRS), split=split, columns=self.hparams.columns, limit=self.hparams.limit)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer, hp.revision)
+        sources = self._sources()
+        train_rows = self._read(*sources[0])
+        if len(sources) > 1:
+            val_rows = self._read(*sources[1])
+        else:
+            train_rows, val_rows = split_rows(train_rows, hp.val_fraction, hp.seed)
+        chat = hp.use_chat_template if hp.use_chat_template is not None else bool(self.tokenizer.chat_template)
+        if chat and not self.tokenizer.chat_template:
+            raise DataError(f"--data.use_chat_template is true but the tokenizer of {hp.tokenizer!r} has no template")
+        build = partial(
+            build_pairs,
+            tokenizer=self.tokenizer,
+            use_chat_template=chat,
+            max_length=hp.max_length,
+            max_prompt_length=hp.max_prompt_length,
+        )
+        self.train_set = PairDataset(build(train_rows, split="train"))
+        self.val_set = PairDataset(build(val_rows, split="validation")) if val_rows else None
+
+    def _loader(self, dataset: PairDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        collate = partial(
+            collate_pairs, pad_id=self.tokenizer.pad_token_id, pad_to_multiple_of=self.hparams.pad_to_multiple_of
+        )
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+
+
+def split_rows(rows: list[PreferenceRow], fraction: float, seed: int) -> tuple[list[PreferenceRow], list]:
+    """Seeded hold-out: (train, validation); at least one row each side when fraction > 0 and rows allow."""
+    if fraction <= 0 or len(rows) < 2:
+        return rows, []
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(max(1, round(fraction * len(rows))), len(rows) - 1)
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]

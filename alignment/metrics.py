@@ -1,0 +1,31 @@
+"""Per-example training metrics averaged over steps, epochs and processes (torchmetrics)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+
+class MeanTracker(nn.Module):
+    """One MeanMetric per name; `compute()` syncs across processes, so every process must call it."""
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.names = list(names)
+        # ModuleDict keys cannot hold '.', and '/' reads badly in state dicts
+        self.means = nn.ModuleDict({name.replace("/", "__"): MeanMetric() for name in names})
+
+    def update(self, values: dict[str, Tensor]) -> None:
+        for name, value in values.items():
+            self.means[name.replace("/", "__")].update(value.detach().float())
+
+    @property
+    def empty(self) -> bool:
+        return all(not m.update_called for m in self.means.values())
+
+    def compute(self, prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}/{name}": self.means[name.replace("/", "__")].compute() for name in self.names}
+
+    def reset(self) -> None:
+        for mean in self.means.values():
+            mean.reset()

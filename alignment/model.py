@@ -1,0 +1,226 @@
+"""Loading the base: hub name or local path, 4-bit or not, LoRA on top; and the tiny offline model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+TINY = "tiny"  # base name of the offline model: a 2-layer Llama with random weights and a byte tokenizer
+TINY_VERSION = 1  # bump when the tiny model or tokenizer changes, so cached copies are rebuilt
+
+
+class ModelLoadError(RuntimeError):
+    """The base model or tokenizer cannot be loaded (offline and not cached, bad path, ...)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNMENT_CACHE", Path.home() / ".cache" / "alignment"))
+
+
+def resolve_base(base: str, revision: str | None = None) -> str:
+    """Local directory to load from, or the hub name when it can be fetched or is cached; fails fast otherwise."""
+    if base == TINY:
+        return str(build_tiny_model())
+    if Path(base).expanduser().exists():
+        return str(Path(base).expanduser())
+    if _in_hub_cache(base, revision) or _hub_reachable():
+        return base
+    raise ModelLoadError(
+        f"cannot load model {base!r}: it is not a local directory and is not in the Hugging Face cache, "
+        "and the hub cannot be reached (offline, or HF_HUB_OFFLINE=1). Download it on a machine with network "
+        f"(`hf download {base} --local-dir DIR`) and pass the local copy: --model.base DIR"
+    )
+
+
+def _in_hub_cache(base: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(base, "config.json", revision=revision)
+    except Exception:  # a name that is not a valid repo id is not cached either
+        return False
+    return isinstance(found, str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def load_tokenizer(base: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    source = resolve_base(base, revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load the tokenizer of {base!r}: {err}") from err
+    if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(
+    base: str,
+    *,
+    revision: str | None = None,
+    load_in_4bit: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> PreTrainedModel:
+    """The frozen base: one copy, on `device`, 4-bit nf4 with double quantization when asked.
+
+    Checkpoints that are already quantized (they carry a `quantization_config`, e.g. unsloth/*-bnb-4bit)
+    load as they are.
+    """
+    source = resolve_base(base, revision)
+    device = device or torch.device("cpu")
+    config = AutoConfig.from_pretrained(source, revision=revision)
+    prequantized = getattr(config, "quantization_config", None) is not None
+    quantization = None
+    if load_in_4bit and not prequantized:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, quantization_config=quantization, dtype=compute_dtype, device_map=device_map
+        )
+    except OSError as err:
+        raise ModelLoadError(f"cannot load the weights of {base!r}: {err}") from err
+    model.requires_grad_(False)
+    _keep_cpu_4bit_differentiable(model)
+    return model
+
+
+def _keep_cpu_4bit_differentiable(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, the first eval-mode forward without gradients (a validation pass) converts
+    the weights in place to a packed layout, and from then on every forward, training included, uses a
+    kernel with no autograd support: gradients to the LoRA layers below would be silently wrong.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def add_lora(
+    model: PreTrainedModel,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
+    """LoRA adapters (PEFT) over a frozen base; gradient checkpointing non-reentrant (the reentrant kind breaks DDP)."""
+    checkpointing_kwargs = {"use_reentrant": False}
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
+    policy = get_peft_model(model, config)
+    # from_pretrained leaves the base in eval mode, where transformers skips gradient checkpointing
+    return policy.train()
+
+
+# ---- the tiny offline model ---------------------------------------------------------------------------------
+
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer (one byte = one token): any text, no download, exact lengths."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(specials + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[4:]})
+    # like Llama's tokenizer: BOS in front of plain encodes (the data pipeline relies on seeing that)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(root: Path | None = None) -> Path:
+    """Write (once) a seeded random 2-layer Llama and its tokenizer to the cache; return the directory."""
+    target = (root or cache_dir()) / f"tiny-llama-v{TINY_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # write aside, then rename: concurrent processes (DDP ranks, parallel tests) never see half a model
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

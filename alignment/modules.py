@@ -1,0 +1,250 @@
+"""The LightningModules: a shared base that owns the 4-bit + LoRA policy, and one subclass per method."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+from peft import PeftModel
+from torch import Tensor
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+from alignment.data import IGNORE_INDEX, PreferenceBatch
+from alignment.logprobs import sequence_logps
+from alignment.losses import DPOLossType, dpo_loss, orpo_loss
+from alignment.metrics import MeanTracker
+from alignment.model import TINY, add_lora, load_base
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_SCHEDULES = {
+    "cosine": get_cosine_schedule_with_warmup,
+    "linear": get_linear_schedule_with_warmup,
+    "constant": get_constant_schedule_with_warmup,
+}
+REWARD_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                  "logps/chosen", "logps/rejected"]  # fmt: skip
+
+
+class PreferenceModule(L.LightningModule):
+    """Shared by DPO and ORPO: builds the policy (frozen base + LoRA), logs, optimizes, saves adapters only.
+
+    Args:
+        base: hub name or local path of the base model; "tiny" is a random 2-layer Llama built offline.
+        load_in_4bit: quantize the base to nf4 with double quantization (pre-quantized bases stay as they are).
+        compute_dtype: dtype of the base's computation; "auto": bfloat16 on CUDA, float32 on CPU.
+        lora_target_modules: "all-linear" or a list of module names (e.g. [q_proj, v_proj]).
+        gradient_checkpointing: recompute activations in backward (less memory, ~1/3 more compute).
+        lr_scheduler: cosine or linear decay to 0 (or constant) after `warmup_ratio` / `warmup_steps`.
+        optimizer: AdamW, or bitsandbytes' 8-bit AdamW (smaller optimizer state).
+        beta: DPO's KL weight / ORPO's odds-ratio weight (lambda in the ORPO paper).
+    """
+
+    metric_names: list[str] = REWARD_METRICS
+
+    def __init__(
+        self,
+        base: str = TINY,
+        revision: str | None = None,
+        load_in_4bit: bool = True,
+        compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: str | list[str] = "all-linear",
+        gradient_checkpointing: bool = False,
+        learning_rate: float = 5e-6,
+        weight_decay: float = 0.0,
+        lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        warmup_ratio: float = 0.0,
+        warmup_steps: int = 0,
+        optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
+        beta: float = 0.1,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.policy: PeftModel | None = None
+        self.strict_loading = False  # checkpoints hold the adapters, not the base
+        self.train_metrics = MeanTracker(self.metric_names)
+        self.val_metrics = MeanTracker(self.metric_names)
+        self._last_logged_step = -1
+
+    # ---- model -------------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.policy is not None:  # Lightning may call this more than once
+            return
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        dtype = hp.compute_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        base = load_base(
+            hp.base, revision=hp.revision, load_in_4bit=hp.load_in_4bit, compute_dtype=_DTYPES[dtype], device=device
+        )
+        self.policy = add_lora(
+            base,
+            r=hp.lora_r,
+            alpha=hp.lora_alpha,
+            dropout=hp.lora_dropout,
+            target_modules=hp.lora_target_modules,
+            gradient_checkpointing=hp.gradient_checkpointing,
+        )
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, T, V)
+
+    def sequence_logps(self, batch: PreferenceBatch, *, average: bool) -> tuple[Tensor, Tensor]:
+        """(chosen, rejected) log-probs of the answers under the current model, each (B,)."""
+        logits = self(batch.input_ids, batch.attention_mask)  # (2B, T, V)
+        logps = sequence_logps(logits[:, :-1], batch.labels[:, 1:], average=average, ignore_index=IGNORE_INDEX)
+        return logps.chunk(2)
+
+    def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """(scalar loss, per-example metrics (B,) keyed by `metric_names`)."""
+        raise NotImplementedError
+
+    # ---- steps ------------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+        loss, metrics = self.compute_loss(batch)
+        self.train_metrics.update(metrics)
+        return loss
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        _, metrics = self.compute_loss(batch)
+        self.val_metrics.update(metrics)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = hp.warmup_steps or math.ceil(hp.warmup_ratio * total)
+        if hp.lr_scheduler == "constant":
+            scheduler = _SCHEDULES["constant"](optimizer, num_warmup_steps=warmup)
+        else:
+            scheduler = _SCHEDULES[hp.lr_scheduler](optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- logging ----------------------------------------------------------------------------------------------
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # log means over the optimizer steps since the last log (as TRL's logging_steps), synced across processes
+        step = self.global_step
+        if step == self._last_logged_step or step % self.trainer.log_every_n_steps != 0:
+            return
+        self._last_logged_step = step
+        metrics = self.train_metrics.compute("train")
+        self.train_metrics.reset()
+        metrics["train/learning_rate"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
+        metrics["train/epoch"] = torch.tensor(
+            self.current_epoch + (batch_idx + 1) / max(1, self.trainer.num_training_batches)
+        )
+        for logger in self.loggers:
+            logger.log_metrics({k: v.item() for k, v in metrics.items()}, step=step)
+        for name, value in metrics.items():
+            bar = name in ("train/loss", "train/rewards/accuracies")
+            self.log(name, value, prog_bar=bar, logger=False, on_step=True, on_epoch=False)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_metrics.empty:
+            return
+        metrics = self.val_metrics.compute("val")
+        self.val_metrics.reset()
+        if self.trainer.sanity_checking:
+            return
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name == "val/rewards/accuracies", on_step=False, on_epoch=True)
+
+    # ---- adapter-only checkpoints -------------------------------------------------------------------------------
+
+    def _adapter_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self._adapter_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stored = {k for k in checkpoint["state_dict"] if not k.startswith(("train_metrics.", "val_metrics."))}
+        expected = self._adapter_keys()
+        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+        if missing or unexpected:
+            raise RuntimeError(
+                "the checkpoint's adapters do not match this model's (another base, LoRA rank or target modules?): "
+                f"{len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}"
+            )
+
+
+class DPO(PreferenceModule):
+    """Direct Preference Optimization (Rafailov et al. 2023); the reference is the base with adapters off.
+
+    Args:
+        loss_type: sigmoid (DPO), hinge (SLiC), ipo (IPO, on per-token mean logps) or robust (rDPO).
+        label_smoothing: assumed share of flipped labels (conservative DPO for sigmoid, rDPO for robust).
+    """
+
+    def __init__(self, *args, loss_type: DPOLossType = "sigmoid", label_smoothing: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records loss_type too
+
+    def reference_logps(self, batch: PreferenceBatch, *, average: bool) -> tuple[Tensor, Tensor]:
+        with torch.no_grad(), self.policy.disable_adapter():
+            return self.sequence_logps(batch, average=average)
+
+    def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        hp = self.hparams
+        average = hp.loss_type == "ipo"  # IPO is defined on per-token mean log-probs
+        policy_chosen, policy_rejected = self.sequence_logps(batch, average=average)
+        ref_chosen, ref_rejected = self.reference_logps(batch, average=average)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+            beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing,
+        )  # fmt: skip
+        metrics = reward_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        return losses.mean(), metrics
+
+
+class ORPO(PreferenceModule):
+    """Odds Ratio Preference Optimization (Hong et al. 2024, eq. 6): NLL of the chosen answer + beta * L_OR.
+
+    No reference model. `beta` is the paper's lambda.
+    """
+
+    metric_names = REWARD_METRICS + ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
+
+    def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        chosen, rejected = self.sequence_logps(batch, average=True)  # per-token mean logps (B,)
+        or_losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = orpo_loss(
+            chosen, rejected, beta=self.hparams.beta
+        )
+        nll = -chosen  # per-token NLL of each chosen answer, averaged per sequence (the paper's L_SFT)
+        losses = nll + or_losses
+        metrics = reward_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected)
+        metrics.update(nll_loss=nll.detach(), log_odds_ratio=log_odds_ratio, log_odds_chosen=log_odds_chosen)
+        return losses.mean(), metrics
+
+
+def reward_metrics(
+    losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor, rejected_logps: Tensor
+) -> dict[str, Tensor]:
+    """The per-example (B,) metrics both methods log, named as in TRL's dashboards."""
+    return {
+        "loss": losses.detach(),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+    }

@@ -1,0 +1,35 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from alignment.data import TokenizedPair, collate_pairs
+
+
+def literal_batch(pad_id: int = 3):
+    """Two pairs of literal token ids (tiny vocabulary ids, BOS = 1, EOS = 2)."""
+    pairs = [
+        TokenizedPair([1, 40, 41, 42], [50, 51, 2], [60, 61, 62, 2], 0),
+        TokenizedPair([1, 43, 44], [52, 2], [63, 64, 65, 66, 2], 1),
+    ]
+    return collate_pairs(pairs, pad_id=pad_id, pad_to_multiple_of=8)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def synthetic_pairs(n: int, seed: int) -> list[dict]:
+    """A learnable preference: chosen answers echo the prompt's letters in upper case, rejected ones are noise."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
+        noise = "".join(rng.choice("0123456789") for _ in range(len(word)))
+        rows.append({"prompt": f"shout {word}", "chosen": word.upper(), "rejected": noise})
+    return rows
