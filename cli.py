@@ -1,6 +1,12 @@
 """Entry point: `python cli.py fit --config configs/demo.yaml` (bare config names resolve in configs/)."""
 
-from alignment.cli import main
+import logging
+
+# bitsandbytes looks for an optional hub kernel when imported on CPU and warns when it is absent, though it
+# falls back to its own; that warning would read as an error at the top of every run
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from alignment.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

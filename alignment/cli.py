@@ -70,7 +70,10 @@ class AlignmentCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alignment").setLevel(logging.INFO)
-    argv = resolve_config_args(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # from the shell: LightningCLI reads sys.argv itself
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+    else:
+        argv = resolve_config_args(argv)
     try:
         run_cli(argv)
     except (DataError, ModelLoadError) as err:  # the user's input, not our bug: no traceback
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-def run_cli(argv: list[str]) -> AlignmentCLI:
+def run_cli(argv: list[str] | None) -> AlignmentCLI:
     return AlignmentCLI(
         PreferenceModule,
         PreferenceDataModule,

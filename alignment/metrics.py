@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -15,9 +16,12 @@ class MeanTracker(nn.Module):
         # ModuleDict keys cannot hold '.', and '/' reads badly in state dicts
         self.means = nn.ModuleDict({name.replace("/", "__"): MeanMetric() for name in names})
 
+    # Validation runs under inference mode in `validate` but not in `fit`: states made or updated in there
+    # would be inference tensors that a later in-place update outside it refuses, so keep them normal tensors.
+    @torch.inference_mode(False)
     def update(self, values: dict[str, Tensor]) -> None:
         for name, value in values.items():
-            self.means[name.replace("/", "__")].update(value.detach().float())
+            self.means[name.replace("/", "__")].update(value.detach().float().clone())
 
     @property
     def empty(self) -> bool:
@@ -26,6 +30,7 @@ class MeanTracker(nn.Module):
     def compute(self, prefix: str) -> dict[str, Tensor]:
         return {f"{prefix}/{name}": self.means[name.replace("/", "__")].compute() for name in self.names}
 
+    @torch.inference_mode(False)
     def reset(self) -> None:
         for mean in self.means.values():
             mean.reset()

@@ -142,7 +142,7 @@ class PreferenceModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # log means over the optimizer steps since the last log (as TRL's logging_steps), synced across processes
         step = self.global_step
-        if step == self._last_logged_step or step % self.trainer.log_every_n_steps != 0:
+        if step == 0 or step == self._last_logged_step or step % self.trainer.log_every_n_steps != 0:
             return
         self._last_logged_step = step
         metrics = self.train_metrics.compute("train")
@@ -154,8 +154,10 @@ class PreferenceModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({k: v.item() for k, v in metrics.items()}, step=step)
         for name, value in metrics.items():
-            bar = name in ("train/loss", "train/rewards/accuracies")
-            self.log(name, value, prog_bar=bar, logger=False, on_step=True, on_epoch=False)
+            self.log(name, value, logger=False, on_step=True, on_epoch=False)
+        # short names: the progress bar truncates long ones
+        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        self.log("acc", metrics["train/rewards/accuracies"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_metrics.empty:
@@ -164,8 +166,9 @@ class PreferenceModule(L.LightningModule):
         self.val_metrics.reset()
         if self.trainer.sanity_checking:
             return
-        for name, value in metrics.items():
-            self.log(name, value, prog_bar=name == "val/rewards/accuracies", on_step=False, on_epoch=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+        accuracy = metrics["val/rewards/accuracies"]
+        self.log("val_acc", accuracy, prog_bar=True, logger=False, on_step=False, on_epoch=True)
 
     # ---- adapter-only checkpoints -------------------------------------------------------------------------------
 

@@ -24,12 +24,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def synthetic_pairs(n: int, seed: int) -> list[dict]:
-    """A learnable preference: chosen answers echo the prompt's letters in upper case, rejected ones are noise."""
+    """A preference a random model is blind to: both answers hold the same letters, the chosen one in
+    alphabetical order, the rejected one shuffled. Only the order of tokens tells them apart."""
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz"
     rows = []
     for _ in range(n):
-        word = "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
-        noise = "".join(rng.choice("0123456789") for _ in range(len(word)))
-        rows.append({"prompt": f"shout {word}", "chosen": word.upper(), "rejected": noise})
+        chars = rng.sample(letters, rng.randint(5, 8))
+        shuffled = chars[:]
+        while shuffled == sorted(chars):
+            rng.shuffle(shuffled)
+        prompt, chosen, rejected = "sort: " + "".join(chars), "".join(sorted(chars)), "".join(shuffled)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows

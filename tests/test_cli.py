@@ -11,6 +11,7 @@ import torch
 import yaml
 from peft import PeftModel
 
+from alignment import DPO, ORPO
 from alignment.cli import main
 from alignment.model import load_base
 from tests.helpers import synthetic_pairs, write_jsonl
@@ -28,8 +29,8 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize(("config", "extra"), [("demo.yaml", ORPO_EXTRA), ("demo_dpo.yaml", [])])
-def test_fit_writes_run_directory(tmp_path, config, extra):
+@pytest.mark.parametrize(("config", "cls", "extra"), [("demo.yaml", ORPO, ORPO_EXTRA), ("demo_dpo.yaml", DPO, [])])
+def test_fit_writes_run_directory(tmp_path, config, cls, extra):
     run = tmp_path / "run"
     result = run_cli("fit", "--config", config, "--trainer.default_root_dir", str(run),
                      "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6")  # fmt: skip
@@ -47,6 +48,11 @@ def test_fit_writes_run_directory(tmp_path, config, extra):
     for key, value in checkpoint["state_dict"].items():
         name = key.removeprefix("policy.")
         torch.testing.assert_close(loaded[name].float(), value.float(), rtol=0, atol=0)
+
+    restored = cls.load_from_checkpoint(run / "checkpoints" / "last.ckpt")  # no trainer: builds the model itself
+    restored_weights = dict(restored.named_parameters())
+    for key, value in checkpoint["state_dict"].items():
+        torch.testing.assert_close(restored_weights[key], value, rtol=0, atol=0)
 
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -91,3 +97,12 @@ def test_bad_data_file_is_reported_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "pairs.jsonl" in result.stderr and "2" in result.stderr and "chosen" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_wandb_switch_logs_offline_into_the_run(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("fit", "--config", "demo_dpo.yaml", "--wandb", "true", "--trainer.default_root_dir", str(run),
+                     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    assert (run / "metrics.csv").is_file()  # CSV always

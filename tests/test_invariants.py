@@ -12,7 +12,7 @@ from tests.helpers import literal_batch
 
 def build(cls, **kwargs):
     torch.manual_seed(0)
-    module = cls(base="tiny", load_in_4bit=True, **kwargs)
+    module = cls(**{"base": "tiny", "load_in_4bit": True, **kwargs})
     module.configure_model()
     return module
 
@@ -118,3 +118,40 @@ def test_validation_pass_does_not_change_training_gradients():
     after = gradients()
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+
+
+def _grads(module, batches: list) -> dict[str, torch.Tensor]:
+    module.zero_grad()
+    for batch in batches:
+        loss, _ = module.compute_loss(batch)
+        (loss / len(batches)).backward()  # what Lightning does with accumulate_grad_batches
+    return {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+
+
+def _perturbed(cls, **kwargs):
+    module = build(cls, load_in_4bit=False, **kwargs)
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    return module
+
+
+@pytest.mark.parametrize("cls", [DPO, ORPO])
+def test_gradient_accumulation_of_single_pairs_equals_one_batch(cls):
+    from alignment.data import TokenizedPair, collate_pairs
+
+    pairs = [TokenizedPair([1, 40 + i, 41], [50 + i, 51, 2], [60, 61 + i, 62, 2][: 2 + i % 3], i) for i in range(4)]
+    module = _perturbed(cls)
+    whole = _grads(module, [collate_pairs(pairs, pad_id=3)])
+    accumulated = _grads(module, [collate_pairs([p], pad_id=3) for p in pairs])
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    plain = _grads(_perturbed(ORPO), [literal_batch()])
+    checkpointed = _grads(_perturbed(ORPO, gradient_checkpointing=True), [literal_batch()])
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
