@@ -9,10 +9,11 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from alignment.callbacks import AdapterExport
 from alignment.data import PreferenceDataModule
-from alignment.model import ModelLoadError
+from alignment.model import ModelLoadError, resolve_base
 from alignment.modules import PreferenceModule
 from alignment.rows import DataError
 
@@ -52,6 +53,10 @@ class AlignmentCLI(LightningCLI):
             name = Path(str(files[-1])).stem if files else config.model.class_path.rsplit(".", 1)[-1].lower()
             config.trainer.default_root_dir = str(Path("runs") / name)
 
+    def before_fit(self) -> None:
+        # the model is checked before the data is read: a missing base fails at once, not after tokenizing
+        resolve_base(self.model.hparams.base, self.model.hparams.revision)
+
     def _instantiate_trainer(self, config: dict, callbacks: list):
         root = Path(config["default_root_dir"])
         subcommand_config = self.config[self.subcommand] if self.subcommand else self.config
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = resolve_config_args(argv)
     try:
         run_cli(argv)
-    except (DataError, ModelLoadError) as err:  # the user's input, not our bug: no traceback
+    except (DataError, ModelLoadError, MisconfigurationException) as err:  # the user's input: no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

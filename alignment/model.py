@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -23,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+log = logging.getLogger(__name__)
+
 TINY = "tiny"  # base name of the offline model: a 2-layer Llama with random weights and a byte tokenizer
 TINY_VERSION = 1  # bump when the tiny model or tokenizer changes, so cached copies are rebuilt
 
@@ -41,7 +44,7 @@ def resolve_base(base: str, revision: str | None = None) -> str:
         return str(build_tiny_model())
     if Path(base).expanduser().exists():
         return str(Path(base).expanduser())
-    if _in_hub_cache(base, revision) or _hub_reachable():
+    if _in_hub_cache(base, revision) or hub_reachable():
         return base
     raise ModelLoadError(
         f"cannot load model {base!r}: it is not a local directory and is not in the Hugging Face cache, "
@@ -60,7 +63,7 @@ def _in_hub_cache(base: str, revision: str | None) -> bool:
     return isinstance(found, str)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
@@ -99,19 +102,20 @@ def load_base(
     device = device or torch.device("cpu")
     config = AutoConfig.from_pretrained(source, revision=revision)
     prequantized = getattr(config, "quantization_config", None) is not None
-    quantization = None
+    device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
+    options = {"revision": revision, "dtype": compute_dtype, "device_map": device_map}
     if load_in_4bit and not prequantized:
-        quantization = BitsAndBytesConfig(
+        options["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
         )
-    device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
+    elif prequantized and not load_in_4bit:
+        log.warning("%s is stored quantized: it loads in 4-bit although load_in_4bit is false", base)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, quantization_config=quantization, dtype=compute_dtype, device_map=device_map
-        )
+        # an explicit quantization_config=None would override the checkpoint's own: pass it only when set
+        model = AutoModelForCausalLM.from_pretrained(source, **options)
     except OSError as err:
         raise ModelLoadError(f"cannot load the weights of {base!r}: {err}") from err
     model.requires_grad_(False)
@@ -157,7 +161,10 @@ def add_lora(
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
-    policy = get_peft_model(model, config)
+    try:
+        policy = get_peft_model(model, config)
+    except ValueError as err:  # e.g. target modules the base does not have
+        raise ModelLoadError(f"cannot put LoRA adapters on {target_modules!r}: {err}") from err
     # from_pretrained leaves the base in eval mode, where transformers skips gradient checkpointing
     return policy.train()
 

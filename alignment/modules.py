@@ -166,9 +166,10 @@ class PreferenceModule(L.LightningModule):
         self.val_metrics.reset()
         if self.trainer.sanity_checking:
             return
-        self.log_dict(metrics, on_step=False, on_epoch=True)
+        # already synced by torchmetrics; sync_dist averages identical values, and keeps Lightning from warning
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
         accuracy = metrics["val/rewards/accuracies"]
-        self.log("val_acc", accuracy, prog_bar=True, logger=False, on_step=False, on_epoch=True)
+        self.log("val_acc", accuracy, prog_bar=True, logger=False, on_step=False, on_epoch=True, sync_dist=True)
 
     # ---- adapter-only checkpoints -------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,8 @@ def _read_hub(name: str, split: str, limit: int | None) -> list[tuple[str, Recor
     import datasets
 
     try:
-        data = datasets.load_dataset(name, split=split)
+        with _offline_unless_reachable():
+            data = datasets.load_dataset(name, split=split)
     except Exception as exc:  # offline, unknown name, unknown split: all end the same way for the user
         raise DataError(
             f"{name!r} (split {split!r}) is neither a local file nor a dataset in the local datasets cache. "
@@ -225,6 +227,24 @@ def _read_hub(name: str, split: str, limit: int | None) -> list[tuple[str, Recor
             f"({', '.join(SUPPORTED)})."
         ) from exc
     return _from_dataset(data, f"{name}[{split}]", limit)
+
+
+@contextmanager
+def _offline_unless_reachable() -> Iterator[None]:
+    """Read from the local cache only when the hub cannot be reached: no retries against a network that is not there."""
+    import datasets
+    import huggingface_hub
+
+    from alignment.model import hub_reachable
+
+    if hub_reachable():
+        yield
+        return
+    with (
+        mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True),
+        mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True),
+    ):
+        yield
 
 
 def _from_dataset(data: Any, label: str, limit: int | None) -> list[tuple[str, Record]]:

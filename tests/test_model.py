@@ -1,0 +1,52 @@
+"""Loading bases: pre-quantized checkpoints, missing models, LoRA targets, the tiny model."""
+
+import pytest
+import torch
+
+from alignment.model import ModelLoadError, add_lora, build_tiny_model, load_base, load_tokenizer
+from tests.helpers import literal_batch
+
+
+def test_prequantized_checkpoint_loads_as_it_is(tmp_path):
+    quantized = load_base("tiny", load_in_4bit=True)
+    quantized.save_pretrained(tmp_path)  # writes a quantization_config, like unsloth/*-bnb-4bit
+    load_tokenizer("tiny").save_pretrained(tmp_path)
+    reloaded = load_base(str(tmp_path), load_in_4bit=True)
+    layer = reloaded.model.layers[1].mlp.down_proj
+    assert layer.weight.__class__.__name__ == "Params4bit"
+    batch = literal_batch()
+    with torch.no_grad():
+        expected = quantized(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        got = reloaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_full_precision_base_when_4bit_is_off():
+    base = load_base("tiny", load_in_4bit=False)
+    assert isinstance(base.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert not getattr(base, "is_loaded_in_4bit", False)
+    assert not any(p.requires_grad for p in base.parameters())
+
+
+def test_missing_model_offline_names_it_and_the_local_path_option():
+    with pytest.raises(ModelLoadError, match=r"no-such-org/no-such-model.*--model.base"):
+        load_base("no-such-org/no-such-model")
+
+
+def test_unknown_lora_target_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="not_a_layer"):
+        add_lora(load_base("tiny", load_in_4bit=False), target_modules=["not_a_layer"])
+
+
+def test_lora_on_chosen_modules_only():
+    policy = add_lora(load_base("tiny", load_in_4bit=True), r=4, target_modules=["q_proj", "v_proj"])
+    trainable = {n.split(".")[-4] for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable == {"q_proj", "v_proj"}
+    assert policy.training  # gradient checkpointing in transformers only acts in train mode
+
+
+def test_tiny_model_is_deterministic(tmp_path):
+    first, second = build_tiny_model(tmp_path / "a"), build_tiny_model(tmp_path / "b")
+    a = (first / "model.safetensors").read_bytes()
+    b = (second / "model.safetensors").read_bytes()
+    assert a == b
