@@ -14,9 +14,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from alignment.callbacks import AdapterExport
 from alignment.data import PreferenceDataModule
 from alignment.model import ModelLoadError, resolve_base
-from alignment.modules import PreferenceModule
+from alignment.modules import ConfigError, PreferenceModule
 from alignment.rows import DataError
 
+log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -56,6 +57,7 @@ class AlignmentCLI(LightningCLI):
     def before_fit(self) -> None:
         # the model is checked before the data is read: a missing base fails at once, not after tokenizing
         resolve_base(self.model.hparams.base, self.model.hparams.revision)
+        log.info("run directory: %s", self.trainer.default_root_dir)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         root = Path(config["default_root_dir"])
@@ -67,7 +69,11 @@ class AlignmentCLI(LightningCLI):
 
                 loggers.append(WandbLogger(project=subcommand_config.wandb_project, name=root.name, save_dir=root))
             config["logger"] = loggers
-        callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0))
+        # save_top_k=1: Lightning only refreshes last.ckpt when it saves a regular checkpoint too; checkpoints
+        # hold adapters only, so the second file is small. On an exception (Ctrl-C included) one more is written.
+        callbacks.append(
+            ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=1, save_on_exception=True)
+        )
         callbacks.append(AdapterExport(root / "adapter"))
         return super()._instantiate_trainer(config, callbacks)
 
@@ -81,9 +87,25 @@ def main(argv: list[str] | None = None) -> None:
         argv = resolve_config_args(argv)
     try:
         run_cli(argv)
-    except (DataError, ModelLoadError, MisconfigurationException) as err:  # the user's input: no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)  # the user's input, not a bug: no traceback
         sys.exit(2)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The mistake in the user's data, model or settings behind `err`, if that is what it is.
+
+    jsonargparse wraps errors raised while building the model in its own ValueError, so follow the chain.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (ConfigError, DataError, ModelLoadError, MisconfigurationException)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def run_cli(argv: list[str] | None) -> AlignmentCLI:

@@ -31,6 +31,15 @@ REWARD_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accurac
                   "logps/chosen", "logps/rejected"]  # fmt: skip
 
 
+class ConfigError(ValueError):
+    """A hyperparameter out of its range; the message names it."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
 class PreferenceModule(L.LightningModule):
     """Shared by DPO and ORPO: builds the policy (frozen base + LoRA), logs, optimizes, saves adapters only.
 
@@ -67,6 +76,12 @@ class PreferenceModule(L.LightningModule):
         beta: float = 0.1,
     ):
         super().__init__()
+        _check(beta > 0, f"--model.beta must be > 0, got {beta}")
+        _check(lora_r > 0, f"--model.lora_r must be > 0, got {lora_r}")
+        _check(0 <= lora_dropout < 1, f"--model.lora_dropout must be in [0, 1), got {lora_dropout}")
+        _check(learning_rate > 0, f"--model.learning_rate must be > 0, got {learning_rate}")
+        _check(0 <= warmup_ratio < 1, f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        _check(warmup_steps >= 0, f"--model.warmup_steps must be >= 0, got {warmup_steps}")
         self.save_hyperparameters()
         self.policy: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters, not the base
@@ -200,6 +215,7 @@ class DPO(PreferenceModule):
     """
 
     def __init__(self, *args, loss_type: DPOLossType = "sigmoid", label_smoothing: float = 0.0, **kwargs):
+        _check(0 <= label_smoothing < 0.5, f"--model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records loss_type too
 
     def reference_logps(self, batch: PreferenceBatch, *, average: bool) -> tuple[Tensor, Tensor]:

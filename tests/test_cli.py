@@ -2,8 +2,10 @@
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,33 @@ def test_wandb_switch_logs_offline_into_the_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run written"
     assert (run / "metrics.csv").is_file()  # CSV always
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--model.label_smoothing", "0.7", "label_smoothing must be in [0, 0.5)"), ("--model.beta", "0", "beta must be")],
+)
+def test_out_of_range_setting_is_reported_without_traceback(tmp_path, flag, value, message):
+    result = run_cli("fit", "--config", "demo_dpo.yaml", flag, value, "--trainer.default_root_dir", str(tmp_path))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_interrupt_keeps_adapter_and_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "fit", "--config", "demo.yaml", "--trainer.max_epochs", "1000",
+         "--trainer.default_root_dir", str(run)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.csv").exists() or "train/loss" not in (run / "metrics.csv").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    checkpoints = list((run / "checkpoints").glob("*.ckpt"))
+    assert checkpoints
+    state = torch.load(max(checkpoints, key=lambda p: p.stat().st_mtime), weights_only=True)
+    assert state["global_step"] > 0 and all("lora_" in k for k in state["state_dict"])
