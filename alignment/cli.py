@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -57,7 +58,14 @@ class AlignmentCLI(LightningCLI):
     def before_fit(self) -> None:
         # the model is checked before the data is read: a missing base fails at once, not after tokenizing
         resolve_base(self.model.hparams.base, self.model.hparams.revision)
-        log.info("run directory: %s", self.trainer.default_root_dir)
+        root = Path(self.trainer.default_root_dir)
+        log.info("run directory: %s", root)
+        if (root / "checkpoints" / "last.ckpt").exists() and self.config[self.subcommand].get("ckpt_path") is None:
+            log.warning(
+                "%s already holds a run: this one starts over and replaces its metrics.csv and adapter; "
+                "to continue it instead, add --ckpt_path last (or pick another --trainer.default_root_dir)",
+                root,
+            )
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         root = Path(config["default_root_dir"])
@@ -72,7 +80,13 @@ class AlignmentCLI(LightningCLI):
         # save_top_k=1: Lightning only refreshes last.ckpt when it saves a regular checkpoint too; checkpoints
         # hold adapters only, so the second file is small. On an exception (Ctrl-C included) one more is written.
         callbacks.append(
-            ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=1, save_on_exception=True)
+            ModelCheckpoint(
+                dirpath=root / "checkpoints",
+                save_last=True,
+                save_top_k=1,
+                save_on_exception=True,
+                enable_version_counter=False,  # a rerun replaces last.ckpt instead of adding last-v1.ckpt
+            )
         )
         callbacks.append(AdapterExport(root / "adapter"))
         return super()._instantiate_trainer(config, callbacks)
@@ -80,6 +94,9 @@ class AlignmentCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    # deprecation notices raised inside peft and lightning themselves, on every run: nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     logging.getLogger("alignment").setLevel(logging.INFO)
     if argv is None:  # from the shell: LightningCLI reads sys.argv itself
         sys.argv[1:] = resolve_config_args(sys.argv[1:])

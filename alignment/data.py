@@ -60,10 +60,10 @@ def render_pair(row: PreferenceRow, tokenizer: PreTrainedTokenizerBase, use_chat
         if messages and messages[0]["role"] == "system":
             raise DataError(f"{row.source}: the row has both a system field and a system message in its prompt")
         messages = [{"role": "system", "content": row.system}] + messages
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = _apply_template(tokenizer, messages, row.source, add_generation_prompt=True)
     answers = []
     for answer in (row.chosen, row.rejected):
-        full = tokenizer.apply_chat_template(messages + _as_messages(answer, "assistant"), tokenize=False)
+        full = _apply_template(tokenizer, messages + _as_messages(answer, "assistant"), row.source)
         if not full.startswith(prompt):
             raise DataError(
                 f"{row.source}: the chat template renders the prompt differently inside the whole conversation, "
@@ -71,6 +71,13 @@ def render_pair(row: PreferenceRow, tokenizer: PreTrainedTokenizerBase, use_chat
             )
         answers.append(full[len(prompt) :])
     return prompt, answers[0], answers[1]
+
+
+def _apply_template(tokenizer: PreTrainedTokenizerBase, messages: list, source: str, **kwargs) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as err:  # templates raise their own errors, e.g. roles that do not alternate
+        raise DataError(f"{source}: the tokenizer's chat template rejects this conversation: {err}") from err
 
 
 def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -86,18 +93,19 @@ def tokenize_rows(
     Texts are tokenized without special tokens; BOS goes in front of the prompt when the tokenizer would
     add it, and EOS ends the answers when no chat template (which writes its own end of turn) is used.
     """
-    texts = [render_pair(row, tokenizer, use_chat_template) for row in rows]
     bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
     eos = [] if use_chat_template else [tokenizer.eos_token_id]
     encoded: list[tuple[list[int], list[int], list[int]]] = []
     chunk = 1024
-    for start in tqdm(range(0, len(texts), chunk), desc=desc, disable=len(texts) <= chunk, unit="chunk"):
-        part = texts[start : start + chunk]
-        columns = [tokenizer([t[i] for t in part], add_special_tokens=False)["input_ids"] for i in range(3)]
-        for prompt, chosen, rejected in zip(*columns, strict=True):
-            if bos and prompt[:1] != bos:
-                prompt = bos + prompt
-            encoded.append((prompt, chosen + eos, rejected + eos))
+    with tqdm(total=len(rows), desc=desc, unit="pairs", disable=len(rows) <= chunk) as progress:
+        for start in range(0, len(rows), chunk):
+            texts = [render_pair(row, tokenizer, use_chat_template) for row in rows[start : start + chunk]]
+            columns = [tokenizer([t[i] for t in texts], add_special_tokens=False)["input_ids"] for i in range(3)]
+            for prompt, chosen, rejected in zip(*columns, strict=True):
+                if bos and prompt[:1] != bos:
+                    prompt = bos + prompt
+                encoded.append((prompt, chosen + eos, rejected + eos))
+            progress.update(len(texts))
     return encoded
 
 

@@ -6,6 +6,7 @@ characters are ord(c) - 26 (so "a" = 71), and "\n" = 205.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -468,3 +469,13 @@ def test_shuffled_train_loader_is_reproducible(pairs_file):
     again = next(iter(make_module(pairs_file, batch_size=4, seed=3).train_dataloader())).index
     assert torch.equal(first, again)
     assert not torch.equal(first, torch.arange(4))
+
+
+def test_a_chat_template_that_rejects_a_conversation_names_the_row(tokenizer):
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first turn must be user') }}{% endif %}x"
+    )
+    row = PreferenceRow([{"role": "assistant", "content": "hi"}], "a", "b", source="pairs.jsonl, line 4")
+    with pytest.raises(DataError, match=r"pairs.jsonl, line 4: .*chat template.*first turn must be user"):
+        render_pair(row, strict, use_chat_template=True)
