@@ -14,9 +14,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from alignment.callbacks import AdapterExport
 from alignment.data import PreferenceDataModule
-from alignment.model import ModelLoadError, resolve_base
-from alignment.modules import ConfigError, PreferenceModule
-from alignment.rows import DataError
+from alignment.errors import USER_ERRORS
+from alignment.model import resolve_base
+from alignment.modules import PreferenceModule
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -119,7 +119,7 @@ def user_error(err: BaseException) -> BaseException | None:
     """
     seen: BaseException | None = err
     while seen is not None:
-        if isinstance(seen, (ConfigError, DataError, ModelLoadError, MisconfigurationException)):
+        if isinstance(seen, (*USER_ERRORS, MisconfigurationException)):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None

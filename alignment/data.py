@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from alignment.errors import ConfigError
 from alignment.model import TINY, load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
 
@@ -240,7 +241,12 @@ class PreferenceDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"--data.val_fraction must be in [0, 1), got {val_fraction}")
+        if val_split is not None and val_path is None and path is not None and Path(path).exists():
+            raise ConfigError(
+                f"--data.val_split names a split of a hub dataset, but {path} is a local file: "
+                "validate on another file with --data.val_path, or on a held-out --data.val_fraction"
+            )
         self.save_hyperparameters()
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None

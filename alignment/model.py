@@ -24,14 +24,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from alignment.errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 TINY = "tiny"  # base name of the offline model: a 2-layer Llama with random weights and a byte tokenizer
 TINY_VERSION = 1  # bump when the tiny model or tokenizer changes, so cached copies are rebuilt
-
-
-class ModelLoadError(RuntimeError):
-    """The base model or tokenizer cannot be loaded (offline and not cached, bad path, ...)."""
 
 
 def cache_dir() -> Path:

@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from alignment.data import IGNORE_INDEX, PreferenceBatch
+from alignment.errors import ConfigError
 from alignment.logprobs import sequence_logps
 from alignment.losses import DPOLossType, dpo_loss, orpo_loss
 from alignment.metrics import MeanTracker
@@ -29,10 +30,6 @@ _SCHEDULES = {
 }
 REWARD_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected"]  # fmt: skip
-
-
-class ConfigError(ValueError):
-    """A hyperparameter out of its range; the message names it."""
 
 
 def _check(condition: bool, message: str) -> None:

@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from alignment.errors import ConfigError, DataError
+
+__all__ = ["DataError", "PreferenceRow", "load_rows"]
+
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
@@ -34,10 +38,6 @@ SUPPORTED = (".jsonl", ".json", ".parquet", ".csv")
 FIELDS = ("prompt", "chosen", "rejected", "system")
 ANSWER_ROLE = "assistant"
 PROMPT_ROLES = ("user", "system")  # roles that may not appear inside an answer
-
-
-class DataError(ValueError):
-    """Bad user data. The message names the file (or dataset), the row (1-based) and the field."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def load_rows(
         DataError: the data cannot be read or a row is malformed; the message says where and why.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of rows, got {limit}")
+        raise ConfigError(f"--data.limit must be a positive number of rows, got {limit}")
     cols = _column_map(columns)
     with _gc_paused():
         label, records = _read_records(str(path), split, limit)

@@ -25,6 +25,7 @@ from alignment.data import (
     tokenize_rows,
     truncate_pair,
 )
+from alignment.errors import ConfigError
 from alignment.model import build_tiny_tokenizer, load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
 from tests.helpers import synthetic_pairs, write_jsonl
@@ -479,3 +480,9 @@ def test_a_chat_template_that_rejects_a_conversation_names_the_row(tokenizer):
     row = PreferenceRow([{"role": "assistant", "content": "hi"}], "a", "b", source="pairs.jsonl, line 4")
     with pytest.raises(DataError, match=r"pairs.jsonl, line 4: .*chat template.*first turn must be user"):
         render_pair(row, strict, use_chat_template=True)
+
+
+def test_val_split_on_a_local_file_is_refused(tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(4, seed=0))
+    with pytest.raises(ConfigError, match="val_split.*local file.*--data.val_path"):
+        PreferenceDataModule(str(pairs), val_split="test")

@@ -1,0 +1,16 @@
+"""Errors that are the user's to fix: the CLI prints their message alone, without a traceback."""
+
+
+class DataError(ValueError):
+    """Bad user data. The message names the file (or dataset), the row (1-based) and the field."""
+
+
+class ModelLoadError(RuntimeError):
+    """The base model or tokenizer cannot be loaded (offline and not cached, bad path, bad LoRA targets, ...)."""
+
+
+class ConfigError(ValueError):
+    """A setting out of its range, or settings that contradict each other; the message names the flag."""
+
+
+USER_ERRORS = (DataError, ModelLoadError, ConfigError)
