@@ -1,4 +1,4 @@
-"""Callbacks: export the trained adapter in PEFT format."""
+"""Callbacks: export the trained adapter in PEFT format; keep last.ckpt at the final step."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -33,3 +34,13 @@ class AdapterExport(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.global_step > 0:  # keep what was learnt before an interrupt
             self._export(pl_module)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also leaves last.ckpt at the final step when training stops between two saves
+    (e.g. at max_steps in the middle of an epoch), so `--ckpt_path last` continues from where it ended."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self.dirpath and trainer.global_step != self._last_global_step_saved:
+            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")

@@ -7,12 +7,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from alignment.callbacks import AdapterExport
+from alignment.callbacks import AdapterExport, RunCheckpoint
 from alignment.data import PreferenceDataModule
 from alignment.errors import USER_ERRORS
 from alignment.model import resolve_base
@@ -80,7 +79,7 @@ class AlignmentCLI(LightningCLI):
         # save_top_k=1: Lightning only refreshes last.ckpt when it saves a regular checkpoint too; checkpoints
         # hold adapters only, so the second file is small. On an exception (Ctrl-C included) one more is written.
         callbacks.append(
-            ModelCheckpoint(
+            RunCheckpoint(
                 dirpath=root / "checkpoints",
                 save_last=True,
                 save_top_k=1,
