@@ -18,7 +18,7 @@ def build(cls, **kwargs):
 
 
 def base_weights(module) -> dict[str, torch.Tensor]:
-    """Everything of the base in the state dict: 4-bit packed weights with their quantization state, norms, embeddings."""
+    """The whole base in the state dict: 4-bit packed weights with their quantization state, norms, embeddings."""
     return {k: v.detach().clone() for k, v in module.policy.state_dict().items() if "lora_" not in k}
 
 
