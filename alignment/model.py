@@ -37,28 +37,27 @@ def cache_dir() -> Path:
 
 
 def resolve_base(base: str, revision: str | None = None) -> str:
-    """Local directory to load from, or the hub name when it can be fetched or is cached; fails fast otherwise."""
+    """What to load from: a local directory, or the hub name when the hub can be reached.
+
+    Without the hub, a name found in the local Hugging Face cache resolves to its snapshot directory, so nothing
+    after this tries the network (and waits through its retries); a name not there fails at once.
+    """
     if base == TINY:
         return str(build_tiny_model())
     if Path(base).expanduser().exists():
         return str(Path(base).expanduser())
-    if _in_hub_cache(base, revision) or hub_reachable():
+    if hub_reachable():
         return base
-    raise ModelLoadError(
-        f"cannot load model {base!r}: it is not a local directory and is not in the Hugging Face cache, "
-        "and the hub cannot be reached (offline, or HF_HUB_OFFLINE=1). Download it on a machine with network "
-        f"(`hf download {base} --local-dir DIR`) and pass the local copy: --model.base DIR"
-    )
-
-
-def _in_hub_cache(base: str, revision: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import snapshot_download
 
     try:
-        found = try_to_load_from_cache(base, "config.json", revision=revision)
-    except Exception:  # a name that is not a valid repo id is not cached either
-        return False
-    return isinstance(found, str)
+        return snapshot_download(base, revision=revision, local_files_only=True)
+    except Exception as err:  # not cached, or not even a valid repo id: the same answer for the user
+        raise ModelLoadError(
+            f"cannot load model {base!r}: it is not a local directory and is not in the Hugging Face cache, "
+            "and the hub cannot be reached (offline, or HF_HUB_OFFLINE=1). Download it on a machine with network "
+            f"(`hf download {base} --local-dir DIR`) and pass the local copy: --model.base DIR"
+        ) from err
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -1,5 +1,11 @@
 """Loading bases: pre-quantized checkpoints, missing models, LoRA targets, the tiny model."""
 
+import os
+import shutil
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -50,3 +56,18 @@ def test_tiny_model_is_deterministic(tmp_path):
     a = (first / "model.safetensors").read_bytes()
     b = (second / "model.safetensors").read_bytes()
     assert a == b
+
+
+def test_cached_hub_model_loads_without_network_and_without_waiting(tmp_path):
+    """A hub name found in the local cache loads when the hub cannot be reached, with no retries."""
+    snapshot = tmp_path / "hf" / "hub" / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(build_tiny_model(tmp_path / "build"), snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens on port 9
+    script = "from alignment.model import load_base, load_tokenizer as t; t('someone/tiny'); load_base('someone/tiny')"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.monotonic() - started < 20  # the library's retries alone take over 20 s
