@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -312,7 +313,19 @@ class PreferenceDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        return self._loader(self.val_set, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+        loader = self._loader(self.val_set, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1 and len(self.val_set) >= world:
+            # Lightning's DistributedSampler pads the shards with repeated pairs, which val/* would count twice;
+            # this one splits them without repeats (every process still gets at least one pair)
+            sampler = UnrepeatedDistributedSampler(
+                self.val_set, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
+            )
+            loader = DataLoader(
+                self.val_set, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn,
+                num_workers=self.hparams.num_workers,
+            )  # fmt: skip
+        return loader
 
 
 def split_rows(rows: list[PreferenceRow], fraction: float, seed: int) -> tuple[list[PreferenceRow], list]:
