@@ -244,10 +244,14 @@ class PreferenceDataModule(L.LightningDataModule):
         if not 0 <= val_fraction < 1:
             raise ConfigError(f"--data.val_fraction must be in [0, 1), got {val_fraction}")
         if val_split is not None and val_path is None and path is not None and Path(path).exists():
-            raise ConfigError(
-                f"--data.val_split names a split of a hub dataset, but {path} is a local file: "
-                "validate on another file with --data.val_path, or on a held-out --data.val_fraction"
-            )
+            # a hub config run on a local file: its split name means nothing here, and reading the same file
+            # again would validate on the training pairs
+            log.warning(
+                "--data.val_split %r ignored: %s is a local file, not a hub dataset; holding out "
+                "--data.val_fraction %s of it instead (or name a file with --data.val_path)",
+                val_split, path, val_fraction,
+            )  # fmt: skip
+            val_split = None
         self.save_hyperparameters()
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None

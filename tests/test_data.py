@@ -25,7 +25,6 @@ from alignment.data import (
     tokenize_rows,
     truncate_pair,
 )
-from alignment.errors import ConfigError
 from alignment.model import build_tiny_tokenizer, load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
 from tests.helpers import synthetic_pairs, write_jsonl
@@ -482,7 +481,10 @@ def test_a_chat_template_that_rejects_a_conversation_names_the_row(tokenizer):
         render_pair(row, strict, use_chat_template=True)
 
 
-def test_val_split_on_a_local_file_is_refused(tmp_path):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(4, seed=0))
-    with pytest.raises(ConfigError, match="val_split.*local file.*--data.val_path"):
-        PreferenceDataModule(str(pairs), val_split="test")
+def test_val_split_on_a_local_file_falls_back_to_a_held_out_fraction(tmp_path, caplog):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(20, seed=0))
+    with caplog.at_level(logging.WARNING, logger="alignment.data"):
+        module = PreferenceDataModule(str(pairs), val_split="test_prefs", val_fraction=0.25, max_length=64)
+    assert "val_split 'test_prefs' ignored" in caplog.text
+    module.setup()
+    assert (len(module.train_set), len(module.val_set)) == (15, 5)  # not the training file read twice
