@@ -297,7 +297,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_set = PairDataset(build(train_rows, split="train"))
         self.val_set = PairDataset(build(val_rows, split="validation")) if val_rows else None
 
-    def _loader(self, dataset: PairDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: PairDataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
         collate = partial(
             collate_pairs, pad_id=self.tokenizer.pad_token_id, pad_to_multiple_of=self.hparams.pad_to_multiple_of
         )
@@ -306,6 +306,7 @@ class PreferenceDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             collate_fn=collate,
             num_workers=self.hparams.num_workers,
@@ -317,19 +318,16 @@ class PreferenceDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        loader = self._loader(self.val_set, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
         world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = None
         if world > 1 and len(self.val_set) >= world:
             # Lightning's DistributedSampler pads the shards with repeated pairs, which val/* would count twice;
             # this one splits them without repeats (every process still gets at least one pair)
             sampler = UnrepeatedDistributedSampler(
                 self.val_set, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
             )
-            loader = DataLoader(
-                self.val_set, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn,
-                num_workers=self.hparams.num_workers,
-            )  # fmt: skip
-        return loader
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        return self._loader(self.val_set, batch_size, shuffle=False, sampler=sampler)
 
 
 def split_rows(rows: list[PreferenceRow], fraction: float, seed: int) -> tuple[list[PreferenceRow], list]:

@@ -7,28 +7,31 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 
+def _key(name: str) -> str:
+    return name.replace("/", "__")  # ModuleDict keys cannot hold '.', and '/' reads badly in state dicts
+
+
 class MeanTracker(nn.Module):
     """One MeanMetric per name; `compute()` syncs across processes, so every process must call it."""
 
     def __init__(self, names: list[str]):
         super().__init__()
         self.names = list(names)
-        # ModuleDict keys cannot hold '.', and '/' reads badly in state dicts
-        self.means = nn.ModuleDict({name.replace("/", "__"): MeanMetric() for name in names})
+        self.means = nn.ModuleDict({_key(name): MeanMetric() for name in names})
 
     # Validation runs under inference mode in `validate` but not in `fit`: states made or updated in there
     # would be inference tensors that a later in-place update outside it refuses, so keep them normal tensors.
     @torch.inference_mode(False)
     def update(self, values: dict[str, Tensor]) -> None:
         for name, value in values.items():
-            self.means[name.replace("/", "__")].update(value.detach().float().clone())
+            self.means[_key(name)].update(value.detach().float().clone())
 
     @property
     def empty(self) -> bool:
         return all(not m.update_called for m in self.means.values())
 
     def compute(self, prefix: str) -> dict[str, Tensor]:
-        return {f"{prefix}/{name}": self.means[name.replace("/", "__")].compute() for name in self.names}
+        return {f"{prefix}/{name}": self.means[_key(name)].compute() for name in self.names}
 
     @torch.inference_mode(False)
     def reset(self) -> None:

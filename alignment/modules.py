@@ -9,11 +9,7 @@ import lightning as L
 import torch
 from peft import PeftModel
 from torch import Tensor
-from transformers import (
-    get_constant_schedule_with_warmup,
-    get_cosine_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
-)
+from transformers import get_scheduler
 
 from alignment.data import IGNORE_INDEX, PreferenceBatch
 from alignment.errors import ConfigError
@@ -23,11 +19,7 @@ from alignment.metrics import MeanTracker
 from alignment.model import TINY, add_lora, load_base
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_SCHEDULES = {
-    "cosine": get_cosine_schedule_with_warmup,
-    "linear": get_linear_schedule_with_warmup,
-    "constant": get_constant_schedule_with_warmup,
-}
+_SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # transformers' names
 REWARD_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected"]  # fmt: skip
 
@@ -143,10 +135,9 @@ class PreferenceModule(L.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = hp.warmup_steps or math.ceil(hp.warmup_ratio * total)
-        if hp.lr_scheduler == "constant":
-            scheduler = _SCHEDULES["constant"](optimizer, num_warmup_steps=warmup)
-        else:
-            scheduler = _SCHEDULES[hp.lr_scheduler](optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        scheduler = get_scheduler(
+            _SCHEDULE_NAMES[hp.lr_scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- logging ----------------------------------------------------------------------------------------------
