@@ -7,8 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from alignment.callbacks import AdapterExport, RunCheckpoint
@@ -16,6 +16,7 @@ from alignment.data import PreferenceDataModule
 from alignment.errors import USER_ERRORS
 from alignment.model import resolve_base
 from alignment.modules import PreferenceModule
+from alignment.resume import AtomicCheckpointIO, RunCSVLogger, checkpoint_step
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -70,7 +71,7 @@ class AlignmentCLI(LightningCLI):
         root = Path(config["default_root_dir"])
         subcommand_config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("logger") in (None, True):
-            loggers = [CSVLogger(save_dir=root, name="", version="")]
+            loggers = [RunCSVLogger(save_dir=root, name="", version="", keep_until_step=self._resumed_step(root))]
             if subcommand_config.get("wandb"):
                 from lightning.pytorch.loggers import WandbLogger
 
@@ -88,7 +89,19 @@ class AlignmentCLI(LightningCLI):
             )
         )
         callbacks.append(AdapterExport(root / "adapter"))
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _resumed_step(self, root: Path) -> int | None:
+        """The step of the checkpoint this run resumes from, if it resumes."""
+        ckpt_path = (self.config[self.subcommand] if self.subcommand else self.config).get("ckpt_path")
+        if ckpt_path is None:
+            return None
+        path = root / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+        return checkpoint_step(path) if path.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,6 +145,7 @@ def run_cli(argv: list[str] | None) -> AlignmentCLI:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=42,
-        trainer_defaults={"max_epochs": 1, "log_every_n_steps": 1},
+        # the data module shards the training pairs itself: Lightning's sampler would change their order on resume
+        trainer_defaults={"max_epochs": 1, "log_every_n_steps": 1, "use_distributed_sampler": False},
         args=argv,
     )
