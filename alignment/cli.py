@@ -16,6 +16,7 @@ from alignment.data import PreferenceDataModule
 from alignment.errors import USER_ERRORS
 from alignment.model import resolve_base
 from alignment.modules import PreferenceModule
+from alignment.verbs import run_verb
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         argv = resolve_config_args(argv)
     try:
-        run_cli(argv)
+        if not run_verb(sys.argv[1:] if argv is None else argv):  # report, compare, sweep, merge
+            run_cli(argv)
     except Exception as err:
         cause = user_error(err)
         if cause is None:
