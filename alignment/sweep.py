@@ -113,7 +113,7 @@ def check_settings(config: str, fit_args: list[str], combos: list[dict[str, str]
         except SystemExit as done:
             if done.code not in (0, None):
                 message = errors.getvalue()
-                message = " ".join(message[message.find("error:") :].split())[:400]
+                message = " ".join(message[message.find("error:") :].removeprefix("error:").split())[:400]
                 raise ConfigError(f"--grid {', '.join(f'{k}={v}' for k, v in changed)}: {message}") from None
 
 
