@@ -20,8 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.data import tokenize_rows
 from alignment.errors import ConfigError, DataError
-from alignment.rows import PreferenceRow
-from alignment.rundir import adapter_dir, run_of_adapter
+from alignment.rows import PreferenceRow, _read_records
+from alignment.rundir import adapter_dir, base_of, run_of_adapter
 from alignment.tables import html_table, markdown_table
 
 log = logging.getLogger(__name__)
@@ -82,43 +82,27 @@ def repetition_score(tokens: Sequence[Hashable], n: int = 4) -> float:
 
 
 def read_prompts(path: str | Path, field: str = "prompt") -> list[tuple[Prompt, str | None]]:
-    """(prompt, system) per row of a JSONL file, a JSON list (of objects or strings), or a text file (one per line).
-
-    A prompt is a string or a list of chat messages; rows may carry a `system` string.
+    """(prompt, system) per row of a text file (one prompt per line) or of anything `fit` reads pairs from
+    (JSONL, JSON list of objects, Parquet, CSV), whose rows hold the prompt in `field`, a string or chat
+    messages, and optionally a `system` string. A preference-pairs file serves as it is.
     """
     file = Path(path)
     if not file.is_file():
         raise DataError(f"prompts file {file} does not exist")
-    text = file.read_text(encoding="utf-8")
     if file.suffix == ".txt":
+        text = file.read_text(encoding="utf-8")
         prompts: list[tuple[Prompt, str | None]] = [(line, None) for line in text.splitlines() if line.strip()]
-    elif file.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{file}: not valid JSON: {err}") from err
-        if not isinstance(records, list):
-            raise DataError(f"{file}: expected a JSON list of prompts, got {type(records).__name__}")
-        prompts = [_prompt_of(r, f"{file}, item {i}", field) for i, r in enumerate(records, 1)]
-    else:  # JSONL, whatever the suffix
-        prompts = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{file}, line {number}: not valid JSON: {err}") from err
-                prompts.append(_prompt_of(record, f"{file}, line {number}", field))
+    else:  # the pairs' readers: the same formats, and errors naming the file and the line or row
+        _, records = _read_records(str(file), "train", None)
+        prompts = [_prompt_of(record, source, field) for source, record in records]
     if not prompts:
         raise DataError(f"{file} holds no prompt")
     return prompts
 
 
-def _prompt_of(record: Any, source: str, field: str) -> tuple[Prompt, str | None]:
-    if isinstance(record, str):
-        return record, None
-    if not isinstance(record, dict) or field not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+def _prompt_of(record: dict[str, Any], source: str, field: str) -> tuple[Prompt, str | None]:
+    if field not in record:
+        keys = sorted(record)
         raise DataError(f"{source}: no {field!r} field (found {keys}); name the field with --prompt-field")
     prompt, system = record[field], record.get("system")
     messages = isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)
@@ -298,12 +282,12 @@ def run_compare(
     rows = read_prompts(prompts, prompt_field)
     named = parse_adapters(adapters)
     run = run_of_adapter(named[0][1]) if named else None
-    trained = run.model_args() if run else {}
-    if base is None and trained.get("base") is None:
-        raise ConfigError("--base is needed: no --adapter points into a run directory with a config.yaml")
-    base = base or trained["base"]
-    if revision is None and base == trained.get("base"):
-        revision = trained.get("revision")
+    if named:
+        base, revision, trained = base_of(named[0][1], base, revision)
+    elif base is None:
+        raise ConfigError("--base is needed when no --adapter is given")
+    else:
+        trained = {}
     _check_bases(named, base)
     tokenizer = load_tokenizer(base, revision)
     use_chat = _use_chat_template(chat_template, tokenizer, (run.config().get("data") or {}) if run else {})

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from alignment.errors import ConfigError
-from alignment.rundir import adapter_dir, run_of_adapter
+from alignment.rundir import adapter_dir, base_of
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,7 @@ def merge_adapter(
     from alignment.model import load_base, load_tokenizer
 
     adapter = adapter_dir(run)
-    owner = run_of_adapter(adapter)
-    trained = owner.model_args() if owner else {}
-    if base is None and trained.get("base") is None:
-        raise ConfigError(f"--base is needed: {adapter.parent} has no config.yaml naming the run's base")
-    base = base or trained["base"]
-    if revision is None and base == trained.get("base"):
-        revision = trained.get("revision")
+    base, revision, trained = base_of(adapter, base, revision)
     in_4bit = bool(trained.get("load_in_4bit", True))
     target = _output_dir(out)
     torch_dtype = DTYPES[dtype]

@@ -76,3 +76,15 @@ def run_of_adapter(adapter: Path) -> RunDir | None:
     """The run an adapter directory was exported by (its parent, when that holds a config.yaml)."""
     parent = RunDir(adapter.parent)
     return parent if (parent.path / "config.yaml").is_file() else None
+
+
+def base_of(adapter: Path, base: str | None, revision: str | None) -> tuple[str, str | None, dict[str, Any]]:
+    """(base, revision, the run's model.init_args): what is given, else what the adapter's run was trained on."""
+    run = run_of_adapter(adapter)
+    trained = run.model_args() if run else {}
+    if base is None and trained.get("base") is None:
+        raise ConfigError(f"--base is needed: {adapter.parent} has no config.yaml naming the run's base")
+    base = base or trained["base"]
+    if revision is None and base == trained.get("base"):
+        revision = trained.get("revision")
+    return base, revision, trained

@@ -92,8 +92,8 @@ def _add_compare(verbs) -> None:
         description="Writes compare.md, compare.html and compare.jsonl: one row per prompt, one column per model, "
         "with each answer's repetition score and length, and their averages per model.",
     )
-    compare.add_argument("--prompts", required=True, help="JSONL / JSON (objects or strings) / TXT (one per line)")
-    compare.add_argument("--prompt-field", default="prompt", help="field holding the prompt in JSON(L) rows")
+    compare.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet/CSV rows, or TXT (one per line)")
+    compare.add_argument("--prompt-field", default="prompt", help="field holding the prompt in each row")
     compare.add_argument("--adapter", action="append", metavar="NAME=RUN",
                          help="run directory (or adapter directory), named NAME in the table; repeatable")  # fmt: skip
     compare.add_argument("--base", help="base model (default: the first adapter's run base); 'tiny' works offline")

@@ -97,9 +97,10 @@ def test_prompts_render_as_in_training():
 
 def test_prompt_files_of_every_kind_and_their_errors(tmp_path):
     (tmp_path / "p.txt").write_text("first\n\nsecond\n")
-    (tmp_path / "p.json").write_text(json.dumps(["first", {"prompt": [{"role": "user", "content": "second"}]}]))
+    chat = [{"role": "user", "content": "second"}]
+    (tmp_path / "p.json").write_text(json.dumps([{"prompt": "first"}, {"prompt": chat}]))
     assert [p for p, _ in read_prompts(tmp_path / "p.txt")] == ["first", "second"]
-    assert read_prompts(tmp_path / "p.json")[1][0] == [{"role": "user", "content": "second"}]
+    assert read_prompts(tmp_path / "p.json")[1][0] == chat
     bad = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "ok"}, {"question": "where is the prompt?"}])
     with pytest.raises(DataError, match=r"q\.jsonl, line 2: no 'prompt' field \(found \['question'\]\)"):
         read_prompts(bad)
