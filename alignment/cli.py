@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -14,9 +15,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from alignment.callbacks import AdapterExport, RunCheckpoint
 from alignment.data import PreferenceDataModule
 from alignment.errors import USER_ERRORS
+from alignment.generations import SampleGenerations
 from alignment.model import resolve_base
 from alignment.modules import PreferenceModule
 from alignment.resume import AtomicCheckpointIO, RunCSVLogger, checkpoint_step
+from alignment.verbs import run_verb
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -75,8 +78,13 @@ class AlignmentCLI(LightningCLI):
             if subcommand_config.get("wandb"):
                 from lightning.pytorch.loggers import WandbLogger
 
-                loggers.append(WandbLogger(project=subcommand_config.wandb_project, name=root.name, save_dir=root))
+                resolved = yaml.safe_load(self._parser(self.subcommand).dump(subcommand_config, skip_none=False))
+                loggers.append(
+                    WandbLogger(project=subcommand_config.wandb_project, name=root.name, save_dir=root, config=resolved)
+                )
             config["logger"] = loggers
+        if subcommand_config.get("wandb"):
+            callbacks.append(SampleGenerations())  # a table of answers to fixed validation prompts
         # save_top_k=1: Lightning only refreshes last.ckpt when it saves a regular checkpoint too; checkpoints
         # hold adapters only, so the second file is small. On an exception (Ctrl-C included) one more is written.
         callbacks.append(
@@ -115,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         argv = resolve_config_args(argv)
     try:
-        run_cli(argv)
+        if not run_verb(sys.argv[1:] if argv is None else argv):  # report, compare, sweep, merge
+            run_cli(argv)
     except Exception as err:
         cause = user_error(err)
         if cause is None:
