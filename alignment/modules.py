@@ -20,7 +20,7 @@ from alignment.losses import DPOLossType, dpo_loss, orpo_loss
 from alignment.metrics import MeanTracker
 from alignment.model import TINY, add_lora, load_base, resolve_base
 from alignment.reference import Tables, reference_tables, weights_identity
-from alignment.resume import check_resume, rng_state, run_identity, set_rng_state
+from alignment.resume import check_resume, rng_states, run_identity, set_rng_state
 
 Split = Literal["train", "validation"]
 log = logging.getLogger(__name__)
@@ -215,7 +215,8 @@ class PreferenceModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self._adapter_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["rng"] = rng_state()  # LoRA dropout's masks after the resume are those the run would have drawn
+        # LoRA dropout's masks after the resume are those the run would have drawn, in every process
+        checkpoint["rng"] = rng_states(self._trainer)
         if self._trainer is not None:
             checkpoint["run"] = run_identity(self, self.trainer.datamodule, self.trainer)
 
@@ -223,7 +224,9 @@ class PreferenceModule(L.LightningModule):
         if self._trainer is not None and "run" in checkpoint:
             identity = run_identity(self, self.trainer.datamodule, self.trainer)
             check_resume(checkpoint["run"], identity, checkpoint=str(self.trainer.ckpt_path or "the checkpoint"))
-        self._rng_to_restore = checkpoint.get("rng")
+        states = checkpoint.get("rng") or [None]
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self._rng_to_restore = states[rank] if rank < len(states) else states[0]
         stored = {k for k in checkpoint["state_dict"] if not k.startswith(("train_metrics.", "val_metrics."))}
         expected = self._adapter_keys()
         missing, unexpected = sorted(expected - stored), sorted(stored - expected)

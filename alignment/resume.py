@@ -70,6 +70,17 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def rng_states(trainer) -> list[dict[str, Any]]:
+    """Every process's RNG state, in rank order: under DDP the processes draw different dropout masks. A checkpoint
+    is dumped on every process (only one writes it), so the states can be gathered there."""
+    state = rng_state()
+    if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return [state]
+    states: list = [None] * trainer.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuples(state["python"]))

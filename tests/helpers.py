@@ -44,13 +44,14 @@ def synthetic_pairs(n: int, seed: int) -> list[dict]:
 
 
 class SignalAtStep(L.Callback):
-    """Sends a signal to this process once `step` optimizer steps are done (a scheduler's pre-emption)."""
+    """Sends a signal to this process once `step` optimizer steps are done (a scheduler's pre-emption); under DDP
+    to the process of global rank `rank` only."""
 
-    def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM), rank: int = 0):
+        self.step, self.signum, self.rank = step, signum, rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
             os.kill(os.getpid(), self.signum)
 
 

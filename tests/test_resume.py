@@ -70,7 +70,7 @@ def test_without_the_rng_state_dropout_would_differ(pairs, tmp_path):
     run(ORPO, pairs, tmp_path / "split", max_steps=7, extra_callbacks=[SignalAtStep(3)])
     last = tmp_path / "split" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
-    del checkpoint["rng"]
+    checkpoint["rng"] = None
     torch.save(checkpoint, last)
     _, adapters = run(ORPO, pairs, tmp_path / "split", max_steps=7, ckpt_path=str(last))
     assert any(not torch.equal(adapters[n], uninterrupted[n]) for n in adapters)
@@ -94,3 +94,46 @@ def test_resume_with_another_method_or_data_is_refused(pairs, tmp_path):
     other = write_jsonl(tmp_path / "other.jsonl", synthetic_pairs(18, seed=1))
     with pytest.raises(ConfigError, match="data.training pairs"):
         run(ORPO, other, tmp_path, max_steps=4, ckpt_path=last)
+
+
+def _save_forever(path: str) -> None:
+    io = AtomicCheckpointIO()
+    step = 0
+    while True:
+        step += 1
+        io.save_checkpoint({"global_step": step, "state_dict": {"w": torch.full((1 << 18,), float(step))}}, path)
+
+
+def test_a_kill_during_a_save_never_leaves_last_ckpt_unreadable(tmp_path):
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 0, "state_dict": {}}, path)
+    for delay in (0.05, 0.11, 0.17, 0.23, 0.31):
+        writer = multiprocessing.get_context("fork").Process(target=_save_forever, args=(str(path),))
+        writer.start()
+        time.sleep(delay)
+        os.kill(writer.pid, signal.SIGKILL)  # no handler, no cleanup: as a pre-empted node
+        writer.join()
+        checkpoint = torch.load(path, weights_only=True)
+        step = checkpoint["global_step"]
+        assert step == 0 or torch.equal(checkpoint["state_dict"]["w"], torch.full((1 << 18,), float(step)))
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
+
+    def half_then_fail(obj, handle):
+        handle.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temp file is gone too
