@@ -221,7 +221,7 @@ class PreferenceModule(L.LightningModule):
             checkpoint["run"] = run_identity(self, self.trainer.datamodule, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self._trainer is not None and "run" in checkpoint:
+        if self._trainer is not None and self.trainer.state.fn == "fit" and "run" in checkpoint:  # a resume
             identity = run_identity(self, self.trainer.datamodule, self.trainer)
             check_resume(checkpoint["run"], identity, checkpoint=str(self.trainer.ckpt_path or "the checkpoint"))
         states = checkpoint.get("rng") or [None]
