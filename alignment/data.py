@@ -297,10 +297,12 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_set = PairDataset(build(train_rows, split="train"))
         self.val_set = PairDataset(build(val_rows, split="validation")) if val_rows else None
 
+    def collate(self, pairs: list[TokenizedPair]) -> PreferenceBatch:
+        pad_to = self.hparams.pad_to_multiple_of
+        return collate_pairs(pairs, pad_id=self.tokenizer.pad_token_id, pad_to_multiple_of=pad_to)
+
     def _loader(self, dataset: PairDataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
-        collate = partial(
-            collate_pairs, pad_id=self.tokenizer.pad_token_id, pad_to_multiple_of=self.hparams.pad_to_multiple_of
-        )
+        collate = self.collate
         generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
         return DataLoader(
             dataset,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import Literal
 
 import lightning as L
@@ -12,13 +13,15 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import get_scheduler
 
-from alignment.data import IGNORE_INDEX, PreferenceBatch
+from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
 from alignment.errors import ConfigError
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.losses import DPOLossType, dpo_loss, orpo_loss
 from alignment.metrics import MeanTracker
-from alignment.model import TINY, add_lora, load_base
+from alignment.model import TINY, add_lora, load_base, resolve_base
+from alignment.reference import Tables, reference_tables, weights_identity
 
+Split = Literal["train", "validation"]
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # transformers' names
@@ -146,19 +149,19 @@ class PreferenceModule(L.LightningModule):
             self._said_not_lean = True
         return None
 
-    def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """(scalar loss, per-example metrics (B,) keyed by `metric_names`)."""
+    def compute_loss(self, batch: PreferenceBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
+        """(scalar loss, per-example metrics (B,) keyed by `metric_names`) for a batch of `split`."""
         raise NotImplementedError
 
     # ---- steps ------------------------------------------------------------------------------------------------
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
-        loss, metrics = self.compute_loss(batch)
+        loss, metrics = self.compute_loss(batch, "train")
         self.train_metrics.update(metrics)
         return loss
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
-        _, metrics = self.compute_loss(batch)
+        _, metrics = self.compute_loss(batch, "validation")
         self.val_metrics.update(metrics)
 
     def configure_optimizers(self):
@@ -237,27 +240,99 @@ class DPO(PreferenceModule):
     Args:
         loss_type: sigmoid (DPO), hinge (SLiC), ipo (IPO, on per-token mean logps) or robust (rDPO).
         label_smoothing: assumed share of flipped labels (conservative DPO for sigmoid, rDPO for robust).
+        reference_cache: compute the reference log-probs of every pair once before training and keep them on
+            disk for later runs on the same model and data; false: a reference forward in every step.
+        reference_cache_dir: where the cache lives; None: `reference/` in the alignment cache
+            (`$ALIGNMENT_CACHE`, default ~/.cache/alignment).
     """
 
-    def __init__(self, *args, loss_type: DPOLossType = "sigmoid", label_smoothing: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss_type: DPOLossType = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference_cache: bool = True,
+        reference_cache_dir: str | None = None,
+        **kwargs,
+    ):
         _check(0 <= label_smoothing < 0.5, f"--model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records loss_type too
+        super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records these too
+        self._reference: Tables = {}  # split -> (N, 4) cached reference log-probs, filled in on_fit_start
 
-    def reference_logps(self, batch: PreferenceBatch, *, average: bool) -> tuple[Tensor, Tensor]:
-        with torch.no_grad(), self.policy.disable_adapter():
-            return self.sequence_logps(batch, average=average)
+    def reference_logps(
+        self, batch: PreferenceBatch, *, average: bool, split: Split = "train"
+    ) -> tuple[Tensor, Tensor]:
+        """(chosen, rejected) log-probs under the reference: from the cache when it holds `split`, else a forward
+        with adapters disabled."""
+        table = self._reference.get(split)
+        if table is None:
+            with torch.no_grad(), self.policy.disable_adapter():
+                return self.sequence_logps(batch, average=average)
+        rows = table[batch.index.cpu()].to(self.device)  # (B, 4)
+        chosen, rejected, chosen_tokens, rejected_tokens = rows.unbind(1)
+        if average:  # as sequence_logps(average=True) divides
+            return chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
+        return chosen, rejected
 
-    def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(self, batch: PreferenceBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
         hp = self.hparams
         average = hp.loss_type == "ipo"  # IPO is defined on per-token mean log-probs
         policy_chosen, policy_rejected = self.sequence_logps(batch, average=average)
-        ref_chosen, ref_rejected = self.reference_logps(batch, average=average)
+        ref_chosen, ref_rejected = self.reference_logps(batch, average=average, split=split)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected,
             beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing,
         )  # fmt: skip
         metrics = reward_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
         return losses.mean(), metrics
+
+    def on_fit_start(self) -> None:
+        self._reference = {}
+        datamodule = self.trainer.datamodule
+        if not self.hparams.reference_cache:
+            return
+        if not isinstance(datamodule, PreferenceDataModule):
+            log.warning("reference cache off: it needs a PreferenceDataModule; the reference runs in every step")
+            return
+        splits = {"train": datamodule.train_set.pairs}
+        if datamodule.val_set is not None:
+            splits["validation"] = datamodule.val_set.pairs
+        self._reference = reference_tables(
+            self.trainer,
+            splits,
+            partial(self._reference_pass, collate=datamodule.collate),
+            identity=self._reference_identity(),
+            cache_dir=self.hparams.reference_cache_dir,
+            batch_size=datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size,
+        )
+
+    def on_fit_end(self) -> None:
+        self._reference = {}  # a later validate() may read other data
+
+    def _reference_identity(self) -> dict:
+        """What, besides the token ids, changes the reference log-probs."""
+        hp = self.hparams
+        return {
+            "weights": weights_identity(resolve_base(hp.base, hp.revision), hp.revision),
+            "load_in_4bit": hp.load_in_4bit,
+            "quantization": "nf4+double-quant",
+            "compute_dtype": str(self.policy.get_base_model().dtype),
+            "device": self.device.type,
+            "precision": str(self.trainer.precision),
+        }
+
+    @torch.no_grad()
+    def _reference_pass(self, pairs: list, collate) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        batch = PreferenceBatch(*(t.to(self.device) for t in collate(pairs)))
+        was_training = self.policy.training
+        self.policy.eval()  # no dropout either way; eval skips the checkpointing wrappers
+        try:
+            with self.trainer.precision_plugin.forward_context(), self.policy.disable_adapter():
+                chosen, rejected = self.sequence_logps(batch, average=False)
+        finally:
+            self.policy.train(was_training)
+        chosen_tokens, rejected_tokens = (batch.labels != IGNORE_INDEX).sum(-1).chunk(2)
+        return chosen, rejected, chosen_tokens, rejected_tokens
 
 
 class ORPO(PreferenceModule):
@@ -268,7 +343,7 @@ class ORPO(PreferenceModule):
 
     metric_names = REWARD_METRICS + ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
 
-    def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(self, batch: PreferenceBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
         chosen, rejected = self.sequence_logps(batch, average=True)  # per-token mean logps (B,)
         or_losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = orpo_loss(
             chosen, rejected, beta=self.hparams.beta

@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seq-lens", default=None, help="comma list of tokens per sequence: the memory table")
     ap.add_argument("--ours", default="", help="extra flags for bench.py only, one quoted string")
+    ap.add_argument("--against-ours", default=None, help="compare with bench.py run with these flags, not TRL")
     return ap.parse_args(own), common
 
 
@@ -48,6 +49,8 @@ def run(system: str, args: argparse.Namespace, flags: list[str]) -> dict:
     """One process; its RESULT line, parsed (the last one when it printed several)."""
     if system == "ours":
         command = [sys.executable, str(HERE / "bench.py"), *flags, *shlex.split(args.ours)]
+    elif args.against_ours is not None:  # a lever measured against ourselves
+        command = [sys.executable, str(HERE / "bench.py"), *flags, *shlex.split(args.against_ours)]
     else:
         command = [args.trl_python, args.trl_script, *flags]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
@@ -69,7 +72,7 @@ def spread(values: list[float]) -> str:
 
 
 def throughput(args: argparse.Namespace, flags: list[str]) -> dict:
-    systems = ["ours", "trl"] if args.trl_python else ["ours"]
+    systems = ["ours", "trl"] if args.trl_python or args.against_ours is not None else ["ours"]
     results: dict[str, list[dict]] = {s: [] for s in systems}
     for round_ in range(args.rounds):
         for system in systems if round_ % 2 == 0 else systems[::-1]:
@@ -78,11 +81,12 @@ def throughput(args: argparse.Namespace, flags: list[str]) -> dict:
             print(f"round {round_} {system}: {result['tokens_per_s']:,.0f} tokens/s, {result['step_s']:.4f} s/step, "
                   f"memory {memory_of(result):.3f} GiB", flush=True)  # fmt: skip
     summary = {f"{s}_tokens_per_s": statistics.median(r["tokens_per_s"] for r in results[s]) for s in systems}
-    if args.trl_python:
+    if len(systems) == 2:
         speed = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(results["ours"], results["trl"], strict=True)]
         memory = [memory_of(o) / memory_of(t) for o, t in zip(results["ours"], results["trl"], strict=True)]
-        print("tokens/s ours/TRL: " + spread(speed))
-        print("peak memory ours/TRL: " + spread(memory))
+        other = "TRL" if args.against_ours is None else f"ours {args.against_ours}"
+        print(f"tokens/s ours/{other}: " + spread(speed))
+        print(f"peak memory ours/{other}: " + spread(memory))
         summary |= {"speed_ratio": statistics.median(speed), "speed_ratio_min": min(speed),
                     "speed_ratio_max": max(speed), "memory_ratio": statistics.median(memory)}  # fmt: skip
     return summary
@@ -91,7 +95,7 @@ def throughput(args: argparse.Namespace, flags: list[str]) -> dict:
 def memory_table(args: argparse.Namespace, flags: list[str]) -> dict:
     prompt_len = int(_flag(flags, "--prompt-len", "128"))
     flags = _drop_values(flags, ("--steps", "--warm", "--completion-len")) + ["--steps", "2", "--warm", "1"]
-    systems = ["ours", "trl"] if args.trl_python else ["ours"]
+    systems = ["ours", "trl"] if args.trl_python or args.against_ours is not None else ["ours"]
     lengths = [int(x) for x in args.seq_lens.split(",")]
     table: dict[str, list[float | None]] = {s: [] for s in systems}
     on_gpu = False

@@ -1,0 +1,167 @@
+"""The reference log-prob cache: equal to the live reference, reused, never trusted when broken."""
+
+import logging
+import multiprocessing
+
+import lightning as L
+import pytest
+import torch
+from peft import PeftModel
+
+from alignment import DPO, PreferenceDataModule
+from alignment.reference import ReferenceCache
+from tests.helpers import synthetic_pairs, write_jsonl
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    return write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(12, seed=0))
+
+
+@pytest.fixture
+def reference_forwards(monkeypatch):
+    """Counts every forward with adapters disabled: the reference pass and the live reference alike."""
+    calls = []
+    original = PeftModel.disable_adapter
+
+    def counting(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(PeftModel, "disable_adapter", counting)
+    return calls
+
+
+def fit(path, cache_dir, *, steps=3, data_kwargs=None, **model_kwargs):
+    torch.manual_seed(0)
+    model_kwargs = {"load_in_4bit": False, "learning_rate": 1e-2, **model_kwargs}
+    module = DPO(base="tiny", reference_cache_dir=str(cache_dir), **model_kwargs)
+    data_kwargs = {"max_length": 64, "batch_size": 2, "val_fraction": 0.25, **(data_kwargs or {})}
+    data = PreferenceDataModule(str(path), **data_kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        num_sanity_val_steps=0, val_check_interval=steps, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    return module, data
+
+
+def entries(cache_dir):
+    return sorted((cache_dir).glob("*.pt"))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])  # sums, and per-token means
+def test_cached_reference_gives_the_live_losses_and_gradients(pairs_file, tmp_path, loss_type):
+    module, data = fit(pairs_file, tmp_path / "cache", loss_type=loss_type)  # the policy has moved off the base
+    module.on_fit_start()  # loads the entry the fit wrote
+    assert set(module._reference) == {"train", "validation"}
+    batch = next(iter(data.train_dataloader()))
+    results = []
+    for cached in (True, False):
+        tables, module._reference = module._reference, (module._reference if cached else {})
+        module.zero_grad()
+        loss, metrics = module.compute_loss(batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), metrics, grads))
+        module._reference = tables
+    (cached_loss, cached_metrics, cached_grads), (live_loss, live_metrics, live_grads) = results
+    assert cached_metrics["rewards/margins"].abs().max() > 1e-3  # rewards are not trivially zero
+    # fp32 on CPU: the pass batches pairs by length, training batches them at random; padding changes the sums'
+    # rounding only
+    torch.testing.assert_close(cached_loss, live_loss, rtol=1e-5, atol=1e-6)
+    for name in cached_metrics:
+        torch.testing.assert_close(cached_metrics[name], live_metrics[name], rtol=1e-5, atol=1e-5, msg=name)
+    for name in cached_grads:
+        torch.testing.assert_close(cached_grads[name], live_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_second_run_does_no_reference_forward(pairs_file, tmp_path, reference_forwards, caplog):
+    caplog.set_level(logging.INFO, logger="alignment")
+    fit(pairs_file, tmp_path / "cache")
+    first = len(reference_forwards)
+    assert first == 5 + 2  # one pass: 9 train pairs and 3 validation pairs, 2 per batch; none in the steps
+    assert "computing them" in caplog.text and len(entries(tmp_path / "cache")) == 1
+    reference_forwards.clear()
+    caplog.clear()
+    # a beta sweep, another loss and more steps reuse the entry
+    fit(pairs_file, tmp_path / "cache", steps=5, beta=0.5, loss_type="ipo")
+    assert reference_forwards == []
+    assert "loaded from" in caplog.text
+
+
+def test_cache_off_runs_the_reference_every_step(pairs_file, tmp_path, reference_forwards):
+    fit(pairs_file, tmp_path / "cache", reference_cache=False)
+    assert len(reference_forwards) == 3 + 2  # 3 steps, then 2 validation batches
+    assert entries(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_broken_entry_is_recomputed(pairs_file, tmp_path, reference_forwards, caplog, damage):
+    fit(pairs_file, tmp_path / "cache")
+    (entry,) = entries(tmp_path / "cache")
+    data = entry.read_bytes()
+    if damage == "truncate":
+        entry.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # still a valid file: only the checksum tells
+        tables = torch.load(entry, weights_only=True)
+        tables["tables"]["train"][0, 0] += 1.0
+        torch.save(tables, entry)
+    else:
+        entry.write_bytes(b"not a torch file")
+    reference_forwards.clear()
+    caplog.set_level(logging.WARNING, logger="alignment")
+    fit(pairs_file, tmp_path / "cache")
+    assert len(reference_forwards) == 7
+    assert "computing them afresh" in caplog.text
+    assert ReferenceCache(tmp_path / "cache").load(entry.stem, {"train": 9, "validation": 3}) is not None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"data_kwargs": {"max_length": 24}},  # truncation
+        {"data_kwargs": {"max_prompt_length": 8}},
+        {"data_kwargs": {"use_chat_template": False}},  # template
+        {"load_in_4bit": True},  # quantization
+        {"compute_dtype": "bfloat16"},
+    ],
+    ids=["max_length", "max_prompt_length", "chat_template", "4bit", "dtype"],
+)
+def test_fingerprint_change_computes_afresh(pairs_file, tmp_path, reference_forwards, change):
+    fit(pairs_file, tmp_path / "cache")
+    reference_forwards.clear()
+    fit(pairs_file, tmp_path / "cache", **change)
+    assert len(reference_forwards) > 0
+    assert len(entries(tmp_path / "cache")) == 2
+
+
+def test_other_data_computes_afresh(pairs_file, tmp_path, reference_forwards):
+    fit(pairs_file, tmp_path / "cache")
+    other = write_jsonl(tmp_path / "other.jsonl", synthetic_pairs(12, seed=1))
+    reference_forwards.clear()
+    fit(other, tmp_path / "cache")
+    assert len(reference_forwards) == 7 and len(entries(tmp_path / "cache")) == 2
+
+
+def _write_many(directory, times):
+    tables = {"train": torch.arange(4000.0).reshape(1000, 4)}
+    cache = ReferenceCache(directory)
+    for _ in range(times):
+        cache.save("same", tables, meta={})
+
+
+def test_concurrent_writers_never_leave_a_broken_entry(tmp_path):
+    cache = ReferenceCache(tmp_path)
+    _write_many(tmp_path, 1)
+    writers = [multiprocessing.get_context("fork").Process(target=_write_many, args=(tmp_path, 40)) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    reads = 0
+    while any(w.is_alive() for w in writers) or reads < 10:
+        assert cache.load("same", {"train": 1000}) is not None
+        reads += 1
+    for writer in writers:
+        writer.join()
+        assert writer.exitcode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["same.pt"]  # no temp file left behind
