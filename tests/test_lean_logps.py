@@ -10,6 +10,7 @@ import torch
 
 from alignment import DPO, ORPO
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
+from alignment.model import add_lora, load_base
 from tests.helpers import literal_batch
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-5}
@@ -133,3 +134,18 @@ def test_a_head_with_adapters_falls_back_to_full_logits():
     assert module._lean_head_weight() is None
     loss, _ = module.compute_loss(literal_batch())
     assert torch.isfinite(loss)
+
+
+def test_4bit_base_keeps_embeddings_and_head_in_the_16bit_compute_dtype():
+    """Norms and adapters fp32 (as peft prepares a k-bit base); the vocabulary-sized weights stay 16-bit."""
+    policy = add_lora(load_base("tiny", compute_dtype=torch.bfloat16), gradient_checkpointing=True)
+    dtypes = {name: param.dtype for name, param in policy.named_parameters()}
+    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.bfloat16
+    assert dtypes["base_model.model.lm_head.weight"] == torch.bfloat16
+    assert all(dtype == torch.float32 for name, dtype in dtypes.items() if "norm" in name or "lora_" in name)
+    batch = literal_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
+    sequence_logps(logits[:, :-1], batch.labels[:, 1:]).sum().backward()
+    grads = [p.grad for p in policy.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
