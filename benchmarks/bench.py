@@ -166,7 +166,8 @@ def train_flops_per_token(module: L.LightningModule, args: argparse.Namespace) -
     cache). Attention's score/value products are not counted, and the LM head counts at every position
     even where the lean path skips it: the count says what the model needs, not what this code does."""
     model = module.policy.get_base_model()
-    frozen = sum(_stored_numel(p) for p in model.parameters() if not p.requires_grad)  # the base, not LoRA
+    # the base's matrices: not LoRA's, not the norms' vectors
+    frozen = sum(_stored_numel(p) for p in model.parameters() if not p.requires_grad and p.dim() == 2)
     n = frozen - model.get_input_embeddings().weight.numel()
     passes = 4 + (0 if args.no_gc else 2) + (2 if args.algo == "dpo" and not args.precompute_ref else 0)
     return passes * n
