@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seq-lens", default=None, help="comma list of tokens per sequence: the memory table")
     ap.add_argument("--ours", default="", help="extra flags for bench.py only, one quoted string")
-    ap.add_argument("--against-ours", default=None, help="compare with bench.py run with these flags, not TRL")
+    ap.add_argument("--against-ours", default=None, help="compare with bench.py under these flags: --against-ours=...")
     return ap.parse_args(own), common
 
 
@@ -61,6 +61,12 @@ def run(system: str, args: argparse.Namespace, flags: list[str]) -> dict:
     return json.loads(results[-1])
 
 
+def _systems(args: argparse.Namespace) -> list[str]:
+    if args.against_ours is not None:
+        return ["ours", "other"]
+    return ["ours", "trl"] if args.trl_python else ["ours"]
+
+
 def memory_of(result: dict) -> float | None:
     if result.get("oom"):
         return None
@@ -72,7 +78,7 @@ def spread(values: list[float]) -> str:
 
 
 def throughput(args: argparse.Namespace, flags: list[str]) -> dict:
-    systems = ["ours", "trl"] if args.trl_python or args.against_ours is not None else ["ours"]
+    systems = _systems(args)
     results: dict[str, list[dict]] = {s: [] for s in systems}
     for round_ in range(args.rounds):
         for system in systems if round_ % 2 == 0 else systems[::-1]:
@@ -82,8 +88,9 @@ def throughput(args: argparse.Namespace, flags: list[str]) -> dict:
                   f"memory {memory_of(result):.3f} GiB", flush=True)  # fmt: skip
     summary = {f"{s}_tokens_per_s": statistics.median(r["tokens_per_s"] for r in results[s]) for s in systems}
     if len(systems) == 2:
-        speed = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(results["ours"], results["trl"], strict=True)]
-        memory = [memory_of(o) / memory_of(t) for o, t in zip(results["ours"], results["trl"], strict=True)]
+        pairs = list(zip(results["ours"], results[systems[1]], strict=True))
+        speed = [ours["tokens_per_s"] / other["tokens_per_s"] for ours, other in pairs]
+        memory = [memory_of(ours) / memory_of(other) for ours, other in pairs]
         other = "TRL" if args.against_ours is None else f"ours {args.against_ours}"
         print(f"tokens/s ours/{other}: " + spread(speed))
         print(f"peak memory ours/{other}: " + spread(memory))
@@ -95,7 +102,7 @@ def throughput(args: argparse.Namespace, flags: list[str]) -> dict:
 def memory_table(args: argparse.Namespace, flags: list[str]) -> dict:
     prompt_len = int(_flag(flags, "--prompt-len", "128"))
     flags = _drop_values(flags, ("--steps", "--warm", "--completion-len")) + ["--steps", "2", "--warm", "1"]
-    systems = ["ours", "trl"] if args.trl_python or args.against_ours is not None else ["ours"]
+    systems = _systems(args)
     lengths = [int(x) for x in args.seq_lens.split(",")]
     table: dict[str, list[float | None]] = {s: [] for s in systems}
     on_gpu = False
