@@ -7,15 +7,19 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from alignment.callbacks import AdapterExport, RunCheckpoint
 from alignment.data import PreferenceDataModule
 from alignment.errors import USER_ERRORS
+from alignment.generations import SampleGenerations
 from alignment.model import resolve_base
 from alignment.modules import PreferenceModule
+from alignment.resume import AtomicCheckpointIO, RunCSVLogger, checkpoint_step
+from alignment.verbs import run_verb
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -70,12 +74,17 @@ class AlignmentCLI(LightningCLI):
         root = Path(config["default_root_dir"])
         subcommand_config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("logger") in (None, True):
-            loggers = [CSVLogger(save_dir=root, name="", version="")]
+            loggers = [RunCSVLogger(save_dir=root, name="", version="", keep_until_step=self._resumed_step(root))]
             if subcommand_config.get("wandb"):
                 from lightning.pytorch.loggers import WandbLogger
 
-                loggers.append(WandbLogger(project=subcommand_config.wandb_project, name=root.name, save_dir=root))
+                resolved = yaml.safe_load(self._parser(self.subcommand).dump(subcommand_config, skip_none=False))
+                loggers.append(
+                    WandbLogger(project=subcommand_config.wandb_project, name=root.name, save_dir=root, config=resolved)
+                )
             config["logger"] = loggers
+        if subcommand_config.get("wandb"):
+            callbacks.append(SampleGenerations())  # a table of answers to fixed validation prompts
         # save_top_k=1: Lightning only refreshes last.ckpt when it saves a regular checkpoint too; checkpoints
         # hold adapters only, so the second file is small. On an exception (Ctrl-C included) one more is written.
         callbacks.append(
@@ -88,7 +97,19 @@ class AlignmentCLI(LightningCLI):
             )
         )
         callbacks.append(AdapterExport(root / "adapter"))
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _resumed_step(self, root: Path) -> int | None:
+        """The step of the checkpoint this run resumes from, if it resumes."""
+        ckpt_path = (self.config[self.subcommand] if self.subcommand else self.config).get("ckpt_path")
+        if ckpt_path is None:
+            return None
+        path = root / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+        return checkpoint_step(path) if path.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         argv = resolve_config_args(argv)
     try:
-        run_cli(argv)
+        if not run_verb(sys.argv[1:] if argv is None else argv):  # report, compare, sweep, merge
+            run_cli(argv)
     except Exception as err:
         cause = user_error(err)
         if cause is None:
@@ -132,6 +154,7 @@ def run_cli(argv: list[str] | None) -> AlignmentCLI:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=42,
-        trainer_defaults={"max_epochs": 1, "log_every_n_steps": 1},
+        # the data module shards the training pairs itself: Lightning's sampler would change their order on resume
+        trainer_defaults={"max_epochs": 1, "log_every_n_steps": 1, "use_distributed_sampler": False},
         args=argv,
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+from array import array
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -12,13 +15,15 @@ import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from alignment.errors import ConfigError
 from alignment.model import TINY, load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
+from alignment.samplers import PairBatchSampler
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +156,16 @@ def collate_pairs(pairs: list[TokenizedPair], *, pad_id: int, pad_to_multiple_of
     return PreferenceBatch(input_ids, attention_mask, labels, index)
 
 
+def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
+    """sha256 of the token ids of every pair, in order: covers the data, tokenizer, chat template and truncation."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for part in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(len(part).to_bytes(4, "little"))
+            digest.update(array("q", part).tobytes())
+    return digest.hexdigest()
+
+
 class PairDataset(Dataset):
     def __init__(self, pairs: list[TokenizedPair]):
         self.pairs = pairs
@@ -217,6 +232,7 @@ class PreferenceDataModule(L.LightningDataModule):
         max_length: tokens of prompt + answer; answers are cut at the end to fit.
         max_prompt_length: the prompt keeps its last tokens; None: no separate limit.
         pad_to_multiple_of: pad batch width to a multiple of this (8 suits tensor cores).
+        group_by_length: batch pairs of similar length together (less padding, faster); the longest batch first.
     """
 
     def __init__(
@@ -237,6 +253,7 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: int = 2,
         eval_batch_size: int | None = None,
         pad_to_multiple_of: int = 8,
+        group_by_length: bool = False,
         num_workers: int = 0,
         seed: int = 42,
     ):
@@ -256,6 +273,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self._train_digest: str | None = None
 
     def prepare_data(self) -> None:
         # hub datasets download here, once per node; local files are read in setup()
@@ -297,27 +315,45 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_set = PairDataset(build(train_rows, split="train"))
         self.val_set = PairDataset(build(val_rows, split="validation")) if val_rows else None
 
+    def train_digest(self) -> str:
+        """sha256 of the training pairs' token ids (what a resumed run must find again); computed once."""
+        if self._train_digest is None:
+            self._train_digest = pairs_digest(self.train_set.pairs)
+        return self._train_digest
+
     def collate(self, pairs: list[TokenizedPair]) -> PreferenceBatch:
         pad_to = self.hparams.pad_to_multiple_of
         return collate_pairs(pairs, pad_id=self.tokenizer.pad_token_id, pad_to_multiple_of=pad_to)
 
-    def _loader(self, dataset: PairDataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
-        collate = self.collate
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            generator=generator,
-            collate_fn=collate,
-            num_workers=self.hparams.num_workers,
+    def _loader(self, dataset: PairDataset, **kwargs) -> StatefulDataLoader:
+        # a generator of its own: creating an iterator draws a seed from it, which would otherwise come from the
+        # global RNG and shift LoRA dropout's masks between a resumed run and an uninterrupted one
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return StatefulDataLoader(
+            dataset, collate_fn=self.collate, num_workers=self.hparams.num_workers, generator=generator, **kwargs
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+    def train_dataloader(self) -> StatefulDataLoader:
+        trainer, world, rank = self.trainer, 1, 0
+        if trainer is not None:
+            world, rank = trainer.world_size, trainer.global_rank
+            if world > 1 and trainer._accelerator_connector.use_distributed_sampler:
+                raise ConfigError(
+                    "PreferenceDataModule shards the training pairs itself (that is what makes resume exact): "
+                    "create the Trainer with use_distributed_sampler=False"
+                )
+        sampler = PairBatchSampler(
+            [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in self.train_set],
+            self.hparams.batch_size,
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            group_by_length=self.hparams.group_by_length,
+            seed=self.hparams.seed,
+        )
+        return self._loader(self.train_set, batch_sampler=sampler)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> StatefulDataLoader | list:
         if self.val_set is None:
             return []
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -329,7 +365,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 self.val_set, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
             )
         batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
-        return self._loader(self.val_set, batch_size, shuffle=False, sampler=sampler)
+        return self._loader(self.val_set, batch_size=batch_size, sampler=sampler)
 
 
 def split_rows(rows: list[PreferenceRow], fraction: float, seed: int) -> tuple[list[PreferenceRow], list]:

@@ -20,6 +20,7 @@ from alignment.losses import DPOLossType, dpo_loss, orpo_loss
 from alignment.metrics import MeanTracker
 from alignment.model import TINY, add_lora, load_base, resolve_base
 from alignment.reference import Tables, reference_tables, weights_identity
+from alignment.resume import check_resume, rng_state, run_identity, set_rng_state
 
 Split = Literal["train", "validation"]
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class PreferenceModule(L.LightningModule):
         self.train_metrics = MeanTracker(self.metric_names)
         self.val_metrics = MeanTracker(self.metric_names)
         self._last_logged_step = -1
+        self._rng_to_restore: dict | None = None
 
     # ---- model -------------------------------------------------------------------------------------------------
 
@@ -173,12 +175,31 @@ class PreferenceModule(L.LightningModule):
             optimizer = bnb.optim.AdamW8bit(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         else:
             optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self._total_steps()
         warmup = hp.warmup_steps or math.ceil(hp.warmup_ratio * total)
         scheduler = get_scheduler(
             _SCHEDULE_NAMES[hp.lr_scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimizer steps in the whole run: the schedule's length.
+
+        Lightning's `estimated_stepping_batches` builds the training loader before a checkpoint is restored, and
+        the loader's saved position is then never loaded: a resumed run would start its epoch over.
+        """
+        trainer, datamodule = self.trainer, self.trainer.datamodule
+        if not isinstance(datamodule, PreferenceDataModule) or datamodule.train_set is None:
+            return max(1, int(trainer.estimated_stepping_batches))
+        batches, limit = len(datamodule.train_dataloader()), trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        total = math.inf
+        if trainer.max_epochs not in (None, -1):
+            total = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        if trainer.max_steps != -1:
+            total = min(total, trainer.max_steps)
+        _check(total != math.inf, "the learning-rate schedule needs --trainer.max_epochs or --trainer.max_steps")
+        return max(1, int(total))
 
     # ---- logging ----------------------------------------------------------------------------------------------
 
@@ -214,6 +235,13 @@ class PreferenceModule(L.LightningModule):
         accuracy = metrics["val/rewards/accuracies"]
         self.log("val_acc", accuracy, prog_bar=True, logger=False, on_step=False, on_epoch=True, sync_dist=True)
 
+    def on_train_batch_start(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        # restored here, at the first step after loading a checkpoint, not when loading it: nothing drawn in
+        # between (sanity check, data loading) can shift it
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
     # ---- adapter-only checkpoints -------------------------------------------------------------------------------
 
     def _adapter_keys(self) -> set[str]:
@@ -222,13 +250,20 @@ class PreferenceModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self._adapter_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng"] = rng_state()  # LoRA dropout's masks after the resume are those the run would have drawn
+        if self._trainer is not None:
+            checkpoint["run"] = run_identity(self, self.trainer.datamodule, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and "run" in checkpoint:
+            identity = run_identity(self, self.trainer.datamodule, self.trainer)
+            check_resume(checkpoint["run"], identity, checkpoint=str(self.trainer.ckpt_path or "the checkpoint"))
+        self._rng_to_restore = checkpoint.get("rng")
         stored = {k for k in checkpoint["state_dict"] if not k.startswith(("train_metrics.", "val_metrics."))}
         expected = self._adapter_keys()
         missing, unexpected = sorted(expected - stored), sorted(stored - expected)
         if missing or unexpected:
-            raise RuntimeError(
+            raise ConfigError(
                 "the checkpoint's adapters do not match this model's (another base, LoRA rank or target modules?): "
                 f"{len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}"
             )

@@ -11,10 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
-from array import array
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -22,7 +19,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from alignment.data import TokenizedPair
+from alignment.data import TokenizedPair, pairs_digest
+from alignment.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +36,6 @@ def default_cache_dir() -> Path:
 
 
 # ---- the fingerprint ---------------------------------------------------------------------------------------------
-
-
-def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
-    """sha256 of the token ids of every pair, in order: covers the data, tokenizer, chat template and truncation."""
-    digest = hashlib.sha256()
-    for pair in pairs:
-        for part in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
-            digest.update(len(part).to_bytes(4, "little"))
-            digest.update(array("q", part).tobytes())
-    return digest.hexdigest()
 
 
 _SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
@@ -85,7 +73,7 @@ def _file_sha256(file: Path) -> str:
             digest.update(block)
     known[key] = digest.hexdigest()
     try:
-        atomic_write_bytes(memo, json.dumps(known).encode())
+        atomic_write(memo, lambda handle: handle.write(json.dumps(known).encode()))
     except OSError:  # a read-only cache only costs the hash next time
         pass
     return known[key]
@@ -96,33 +84,6 @@ def fingerprint(parts: dict) -> str:
 
 
 # ---- the file ----------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda handle: handle.write(data))
-
-
-def _atomic(path: Path, write: Callable) -> None:
-    """Write to a temp file beside `path`, flush it to disk, then rename over `path`: readers see the old file or
-    the new one, never half of one; concurrent writers each rename a whole file of their own."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o666 & ~_umask())  # a temp file is private; the cache may be shared
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _checksum(tables: Tables) -> str:
@@ -179,7 +140,7 @@ class ReferenceCache:
         entry = {"version": FORMAT_VERSION, "fingerprint": key, "meta": meta, "tables": tables,
                  "checksum": _checksum(tables)}  # fmt: skip
         path = self.path(key)
-        _atomic(path, lambda handle: torch.save(entry, handle))
+        atomic_write(path, lambda handle: torch.save(entry, handle))
         log.info("reference log-probs: written to %s", path)
         return path
 

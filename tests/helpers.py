@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 from pathlib import Path
+
+import lightning as L
 
 from alignment.data import TokenizedPair, collate_pairs
 
@@ -37,3 +41,25 @@ def synthetic_pairs(n: int, seed: int) -> list[dict]:
         prompt, chosen, rejected = "sort: " + "".join(chars), "".join(sorted(chars)), "".join(shuffled)
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
+
+
+class SignalAtStep(L.Callback):
+    """Sends a signal to this process once `step` optimizer steps are done (a scheduler's pre-emption)."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class CrashAtStep(L.Callback):
+    """Raises once `step` optimizer steps are done: a crash with no chance to save."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from alignment import DPO, ORPO
 from alignment.cli import main
@@ -120,17 +121,74 @@ def test_out_of_range_setting_is_reported_without_traceback(tmp_path, flag, valu
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_interrupt_keeps_adapter_and_a_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "cli.py"), "fit", "--config", "demo.yaml", "--trainer.max_epochs", "1000",
-         "--trainer.default_root_dir", str(run)],
+def start_fit(run: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "fit", "--config", "demo.yaml", "--trainer.default_root_dir", str(run),
+         "--model.lora_dropout", "0.1", *args],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def wait_for_training(process: subprocess.Popen, run: Path) -> None:
     deadline = time.monotonic() + 120
     while not (run / "metrics.csv").exists() or "train/loss" not in (run / "metrics.csv").read_text():
         assert process.poll() is None and time.monotonic() < deadline, "training did not start"
-        time.sleep(0.5)
+        time.sleep(0.2)
+
+
+def train_steps(run: Path) -> list[int]:
+    with (run / "metrics.csv").open() as file:
+        return [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
+
+
+def test_sigterm_saves_the_step_and_resume_finishes_bit_exact(tmp_path):
+    whole = tmp_path / "whole"
+    assert start_fit(whole, "--trainer.max_steps", "30").wait(timeout=300) == 0
+    run = tmp_path / "run"
+    process = start_fit(run, "--trainer.max_steps", "30")
+    wait_for_training(process, run)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]  # a clean stop
+    stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < stopped_at < 30 and f"stopped at step {stopped_at}" in stderr
+    assert max(train_steps(run)) in (stopped_at, stopped_at - 1)  # the demo logs every 2 steps
+
+    result = run_cli("fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert train_steps(run) == list(range(2, 31, 2))  # the rows before the stop are kept, none twice
+    resumed = load_file(run / "adapter" / "adapter_model.safetensors")
+    uninterrupted = load_file(whole / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_resume_with_another_objective_is_refused_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    first = run_cli("fit", "--config", "demo.yaml", "--trainer.default_root_dir", str(run), "--trainer.max_steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = run_cli("fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--model.beta", "0.5")
+    assert result.returncode == 2
+    assert "cannot resume" in result.stderr and "model.beta" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_cleanly_at_a_step(tmp_path):
+    run = tmp_path / "run"
+    process = start_fit(run, "--trainer.max_epochs", "1000")
+    wait_for_training(process, run)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert f"stopped at step {stopped_at} (SIGINT)" in stderr
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_second_interrupt_stops_at_once_and_keeps_adapter_and_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    process = start_fit(run, "--trainer.max_epochs", "1000")
+    wait_for_training(process, run)
+    process.send_signal(signal.SIGINT)
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=120)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()

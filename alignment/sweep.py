@@ -1,0 +1,243 @@
+"""`python cli.py sweep --config X --grid model.beta=0.05,0.1 --grid trainer.max_epochs=1,3`.
+
+Every combination is an ordinary `fit` in its own run directory, `<sweep dir>/<name from the values>`, so
+whatever a fit reuses (the reference log-prob cache) a sweep reuses too. Each fit runs in a child process:
+a crash, an out-of-memory error or a leaked CUDA allocation stays in that run and the next one starts clean,
+with nothing (seeds, loggers, W&B runs) carried over from the previous one in memory.
+
+A run is finished when its child exited with 0 (recorded in RUN/sweep.json with the exact fit arguments and
+the config's content hash), and RUN holds adapter/ and checkpoints/last.ckpt: a rerun of the sweep skips it.
+A run that was interrupted or failed with the same arguments resumes from its last.ckpt (`--ckpt_path last`,
+which the run's checkpoints make exact); one whose arguments or config changed starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import itertools
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from alignment.errors import ConfigError, DataError
+from alignment.report import read_curves
+from alignment.rundir import ADAPTER_FILE, RunDir
+from alignment.tables import markdown_table, write_csv
+
+log = logging.getLogger(__name__)
+
+MARKER = "sweep.json"
+TABLE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "loss")
+RESERVED = ("trainer.default_root_dir", "ckpt_path")  # the sweep sets these itself
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str  # a fit flag without its dashes, e.g. "model.beta"
+    values: list[str]
+
+
+def parse_grid(specs: list[str]) -> list[Axis]:
+    """`KEY=V1,V2,...` per spec; commas inside [...] or {...} belong to the value (`[q_proj,v_proj]`)."""
+    axes: list[Axis] = []
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        key = key.strip().removeprefix("--")
+        values = _split_values(text)
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w.]*", key) or not values or any(not v for v in values):
+            raise ConfigError(f"--grid {spec!r}: expected KEY=V1,V2,... e.g. --grid model.beta=0.05,0.1")
+        if key in RESERVED:
+            raise ConfigError(f"--grid {spec!r}: the sweep sets {key} itself (the sweep directory is --out)")
+        if key in (a.key for a in axes):
+            raise ConfigError(f"--grid {spec!r}: {key} is given twice; list all its values in one --grid")
+        axes.append(Axis(key, values))
+    return axes
+
+
+def _split_values(text: str) -> list[str]:
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return values + [current.strip()] if text.strip() else []
+
+
+def combinations(axes: list[Axis]) -> list[dict[str, str]]:
+    """Every combination, the last axis varying fastest."""
+    return [
+        dict(zip([a.key for a in axes], values, strict=True)) for values in itertools.product(*(a.values for a in axes))
+    ]
+
+
+def run_name(values: dict[str, str]) -> str:
+    """`beta-0.05_max_epochs-1`: each key's last part (the whole key where two share it), then the value."""
+    last = [key.rsplit(".", 1)[-1] for key in values]
+    parts = []
+    for (key, value), short in zip(values.items(), last, strict=True):
+        name = short if last.count(short) == 1 else key
+        parts.append(f"{name}-{re.sub(r'[^A-Za-z0-9.+-]+', '-', value).strip('-')}")
+    return "_".join(parts)
+
+
+def check_settings(config: str, fit_args: list[str], combos: list[dict[str, str]]) -> None:
+    """Parse each value of each key with the fit parser before anything trains: an unknown key or a value of the
+    wrong type fails here, naming the --grid key, instead of in the middle of the sweep."""
+    from alignment.cli import run_cli
+
+    for flag in fit_args:
+        if flag.removeprefix("--").split("=", 1)[0] in RESERVED:
+            raise ConfigError(f"{flag}: the sweep sets this itself for each run (the sweep directory is --out)")
+    seen: set[tuple[str, str]] = set()
+    for combo in combos:
+        changed = [item for item in combo.items() if item not in seen]
+        if not changed:  # every value here already parsed in an earlier combination
+            continue
+        seen.update(changed)
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
+                run_cli(["fit", "--config", config, *fit_args, *_flags(combo), "--print_config"])
+        except SystemExit as done:
+            if done.code not in (0, None):
+                message = errors.getvalue()
+                message = " ".join(message[message.find("error:") :].removeprefix("error:").split())[:400]
+                raise ConfigError(f"--grid {', '.join(f'{k}={v}' for k, v in changed)}: {message}") from None
+
+
+def _flags(combo: dict[str, str]) -> list[str]:
+    return [item for key, value in combo.items() for item in (f"--{key}", value)]
+
+
+# ---- running ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepRun:
+    values: dict[str, str]
+    path: Path
+    args: list[str]  # the fit arguments, without --ckpt_path
+    status: str = "pending"
+
+
+def _config_hash(config: str) -> str:
+    return hashlib.sha256(Path(config).read_bytes()).hexdigest()
+
+
+def _read_marker(run: SweepRun) -> dict:
+    try:
+        return json.loads((run.path / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_marker(run: SweepRun, config_hash: str, status: str) -> None:
+    record = {"values": run.values, "args": run.args, "config_sha256": config_hash, "status": status}
+    (run.path / MARKER).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def is_finished(run: SweepRun, config_hash: str) -> bool:
+    """The child exited 0 with these exact arguments and config, and left an adapter and a last checkpoint."""
+    marker = _read_marker(run)
+    same = marker.get("args") == run.args and marker.get("config_sha256") == config_hash
+    files = (run.path / "adapter" / ADAPTER_FILE).is_file() and RunDir(run.path).last_checkpoint.is_file()
+    return same and marker.get("status") == "finished" and files
+
+
+def _can_resume(run: SweepRun, config_hash: str) -> bool:
+    marker = _read_marker(run)
+    same = marker.get("args") == run.args and marker.get("config_sha256") == config_hash
+    return same and RunDir(run.path).last_checkpoint.is_file()
+
+
+def fit_in_child(run: SweepRun, config_hash: str) -> int:
+    """Run the fit in a child process, its output in RUN/fit.log; returns its exit code."""
+    resume = _can_resume(run, config_hash)
+    run.path.mkdir(parents=True, exist_ok=True)
+    _write_marker(run, config_hash, "running")
+    command = [sys.executable, "-c", "from alignment.cli import main; main()", *run.args]
+    command += ["--ckpt_path", "last"] if resume else []
+    env = os.environ.copy()  # the child imports this same package, wherever the sweep is started from
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    with open(run.path / "fit.log", "a" if resume else "w") as output:
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the child too: let it write its checkpoint before stopping
+            child.wait(timeout=120)
+            raise
+    _write_marker(run, config_hash, "finished" if code == 0 else f"failed (exit {code})")
+    return code
+
+
+def final_values(run: SweepRun) -> list[float | None]:
+    """Final train and val value of each table metric (empty when the run logged nothing)."""
+    try:
+        curves = read_curves(RunDir(run.path))
+    except DataError:
+        return [None] * (2 * len(TABLE_METRICS))
+    return [curves.final(split, metric) for metric in TABLE_METRICS for split in ("train", "val")]
+
+
+def write_table(runs: list[SweepRun], keys: list[str], target: Path) -> tuple[Path, Path]:
+    header = ["run", *keys, "status"] + [f"{split}/{m}" for m in TABLE_METRICS for split in ("train", "val")]
+    rows = [[r.path.name, *(r.values[k] for k in keys), r.status, *final_values(r)] for r in runs]
+    markdown, table = target / "sweep.md", target / "sweep.csv"
+    markdown.write_text(f"# Sweep\n\nFinal logged values per run (run directories under {target}).\n\n"
+                        + markdown_table(header, rows))  # fmt: skip
+    write_csv(table, header, rows)
+    return markdown, table
+
+
+def run_sweep(
+    config: str, grid: list[str], *, fit_args: list[str] | None = None, out: str | Path | None = None
+) -> Path:
+    """Fit every combination in turn (finished ones skipped), then write sweep.md and sweep.csv; returns the table.
+
+    Exits with code 1 after writing the table when a run failed (its output is in RUN/fit.log).
+    """
+    fit_args = list(fit_args or [])
+    if not Path(config).is_file():
+        raise ConfigError(f"--config {config}: no such file")
+    axes = parse_grid(grid)
+    combos = combinations(axes)
+    check_settings(config, fit_args, combos)
+    target = Path(out) if out is not None else Path("runs") / f"{Path(config).stem}-sweep"
+    names = [run_name(c) for c in combos]
+    config_hash = _config_hash(config)
+    runs = [
+        SweepRun(combo, target / name, ["fit", "--config", config, *fit_args, *_flags(combo),
+                 "--trainer.default_root_dir", str(target / name), "--trainer.enable_progress_bar", "false"])
+        for combo, name in zip(combos, names, strict=True)
+    ]  # fmt: skip
+    target.mkdir(parents=True, exist_ok=True)
+    keys = [a.key for a in axes]
+    with tqdm(runs, desc="sweep", unit="run") as progress:
+        for run in progress:
+            progress.set_postfix(run=run.path.name)
+            if is_finished(run, config_hash):
+                run.status = "finished (earlier)"
+                continue
+            code = fit_in_child(run, config_hash)
+            run.status = "finished" if code == 0 else f"failed (exit {code}, see fit.log)"
+            progress.write(f"{run.path}: {run.status}")
+            write_table(runs, keys, target)  # partial results readable while the sweep goes on
+    markdown, _ = write_table(runs, keys, target)
+    log.info("sweep table written to %s and %s", markdown, markdown.with_suffix(".csv"))
+    failed = [r.path.name for r in runs if r.status.startswith("failed")]
+    if failed:
+        log.error("%d of %d runs failed: %s (each run's output is in its fit.log)", len(failed), len(runs), failed)
+        sys.exit(1)
+    return markdown

@@ -1,0 +1,129 @@
+"""The after-training commands: `report`, `compare`, `sweep`, `merge` (`fit` and the rest belong to LightningCLI)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+VERBS = ("report", "compare", "sweep", "merge")
+
+
+def _report(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignment.report import write_report
+
+    write_report(args.runs, args.out)
+
+
+def _compare(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignment.compare import DecodeOptions, run_compare
+
+    decode = DecodeOptions(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+    run_compare(
+        prompts=args.prompts,
+        adapters=args.adapter or [],
+        base=args.base,
+        revision=args.revision,
+        load_in_4bit=args.load_in_4bit,
+        decode=decode,
+        chat_template=args.chat_template,
+        prompt_field=args.prompt_field,
+        batch_size=args.batch_size,
+        ngram=args.ngram,
+        seed=args.seed,
+        out=args.out,
+    )
+
+
+def _sweep(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignment.sweep import run_sweep
+
+    run_sweep(args.config, args.grid, fit_args=extra, out=args.out)
+
+
+def _merge(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignment.merge import merge_adapter
+
+    merge_adapter(args.run, args.out, dtype=args.dtype, base=args.base, revision=args.revision)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cli.py", description="After training: report, compare, sweep, merge.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    report = verbs.add_parser("report", help="plots of loss and rewards for one or more runs, and a summary")
+    report.add_argument("runs", nargs="+", help="run directories (each holds metrics.csv)")
+    report.add_argument("--out", help="output directory (default: report/ beside the first run)")
+    report.set_defaults(action=_report)
+
+    _add_compare(verbs)
+
+    sweep = verbs.add_parser(
+        "sweep",
+        help="fit every combination of a grid of settings, then tabulate the final rewards",
+        description="Any other flag (e.g. --trainer.limit_train_batches 10) is passed to every `fit`.",
+        allow_abbrev=False,  # an unknown fit flag must never be taken for an abbreviation of one of ours
+    )
+    sweep.add_argument("--config", required=True, help="the experiment's YAML (bare names resolve in configs/)")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                       help="a fit flag without its dashes and the values to try; repeat for more keys")  # fmt: skip
+    sweep.add_argument("--out", help="sweep directory (default: runs/<config name>-sweep)")
+    sweep.set_defaults(action=_sweep)
+
+    merge = verbs.add_parser("merge", help="write the base with the run's adapter merged, in Hugging Face format")
+    merge.add_argument("run", help="run directory (or an adapter directory)")
+    merge.add_argument("--out", required=True, help="output directory for the merged model and its tokenizer")
+    merge.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    merge.add_argument("--base", help="base model (default: the run's model.init_args.base)")
+    merge.add_argument("--revision", help="revision of --base (default: the run's)")
+    merge.set_defaults(action=_merge)
+    return parser
+
+
+def _add_compare(verbs) -> None:
+    compare = verbs.add_parser(
+        "compare",
+        help="answers of the base and of each adapter to the same prompts, side by side",
+        description="Writes compare.md, compare.html and compare.jsonl: one row per prompt, one column per model, "
+        "with each answer's repetition score and length, and their averages per model.",
+    )
+    compare.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet/CSV rows, or TXT (one per line)")
+    compare.add_argument("--prompt-field", default="prompt", help="field holding the prompt in each row")
+    compare.add_argument("--adapter", action="append", metavar="NAME=RUN",
+                         help="run directory (or adapter directory), named NAME in the table; repeatable")  # fmt: skip
+    compare.add_argument("--base", help="base model (default: the first adapter's run base); 'tiny' works offline")
+    compare.add_argument("--revision", help="revision of --base (default: the run's)")
+    compare.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                         help="quantize the base to nf4 (default: as the first adapter's run was trained)")  # fmt: skip
+    compare.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
+                         help="auto: as the run was trained, else when the tokenizer has one")  # fmt: skip
+    compare.add_argument("--max-new-tokens", type=int, default=128)
+    compare.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    compare.add_argument("--temperature", type=float, default=0.7, help="with --sample")
+    compare.add_argument("--top-p", type=float, default=0.9, help="with --sample")
+    compare.add_argument("--repetition-penalty", type=float, default=1.0,
+                         help="1.0: none, so that the table shows the models' own repetition")  # fmt: skip
+    compare.add_argument("--batch-size", type=int, default=8)
+    compare.add_argument("--ngram", type=int, default=4, help="n of the repetition score's n-grams (token ids)")
+    compare.add_argument("--seed", type=int, default=0, help="seed of sampling (the same for every model)")
+    compare.add_argument("--out", help="output directory (default: compare/ beside the first adapter's run)")
+    compare.set_defaults(action=_compare)
+
+
+def run_verb(argv: list[str]) -> bool:
+    """Run `argv` if it names an after-training command; False when it is for LightningCLI."""
+    if not argv or argv[0] not in VERBS:
+        return False
+    parser = build_parser()
+    if argv[0] == "sweep":  # flags it does not know go to each fit
+        args, extra = parser.parse_known_args(argv)
+    else:
+        args, extra = parser.parse_args(argv), []
+    action: Callable[[argparse.Namespace, list[str]], None] = args.action
+    action(args, extra)
+    return True
