@@ -15,7 +15,7 @@ from transformers import get_scheduler
 
 from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
 from alignment.errors import ConfigError
-from alignment.logprobs import sequence_logps
+from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.losses import DPOLossType, dpo_loss, orpo_loss
 from alignment.metrics import MeanTracker
 from alignment.model import TINY, add_lora, load_base, resolve_base
@@ -47,6 +47,9 @@ class PreferenceModule(L.LightningModule):
         lr_scheduler: cosine or linear decay to 0 (or constant) after `warmup_ratio` / `warmup_steps`.
         optimizer: AdamW, or bitsandbytes' 8-bit AdamW (smaller optimizer state).
         beta: DPO's KL weight / ORPO's odds-ratio weight (lambda in the ORPO paper).
+        lean_logps: log-probs from the final hidden states, logits only at answer tokens and a chunk at a time
+            (never the (2B, T, V) logits); false: full logits, then `sequence_logps` (the plain path).
+        logits_chunk_size: answer tokens whose logits exist at once on the lean path; None: about 2**25 logits.
     """
 
     metric_names: list[str] = REWARD_METRICS
@@ -69,6 +72,8 @@ class PreferenceModule(L.LightningModule):
         warmup_steps: int = 0,
         optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
         beta: float = 0.1,
+        lean_logps: bool = True,
+        logits_chunk_size: int | None = None,
     ):
         super().__init__()
         _check(beta > 0, f"--model.beta must be > 0, got {beta}")
@@ -77,6 +82,7 @@ class PreferenceModule(L.LightningModule):
         _check(learning_rate > 0, f"--model.learning_rate must be > 0, got {learning_rate}")
         _check(0 <= warmup_ratio < 1, f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         _check(warmup_steps >= 0, f"--model.warmup_steps must be >= 0, got {warmup_steps}")
+        _check(logits_chunk_size is None or logits_chunk_size > 0, "--model.logits_chunk_size must be > 0 or null")
         self.save_hyperparameters()
         self.policy: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters, not the base
@@ -110,11 +116,40 @@ class PreferenceModule(L.LightningModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, T, V)
 
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The final hidden states (2B, T, H): the model without its LM head."""
+        decoder = self.policy.get_base_model().get_decoder()
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
     def sequence_logps(self, batch: PreferenceBatch, *, average: bool) -> tuple[Tensor, Tensor]:
         """(chosen, rejected) log-probs of the answers under the current model, each (B,)."""
-        logits = self(batch.input_ids, batch.attention_mask)  # (2B, T, V)
-        logps = sequence_logps(logits[:, :-1], batch.labels[:, 1:], average=average, ignore_index=IGNORE_INDEX)
+        labels = batch.labels[:, 1:]  # (2B, T-1): position t scores token t+1
+        head = self._lean_head_weight()
+        if head is None:
+            logits = self(batch.input_ids, batch.attention_mask)  # (2B, T, V)
+            logps = sequence_logps(logits[:, :-1], labels, average=average, ignore_index=IGNORE_INDEX)
+        else:
+            hidden = self.hidden_states(batch.input_ids, batch.attention_mask)  # (2B, T, H)
+            logps = sequence_logps_from_hidden(
+                hidden[:, :-1], head, labels, average=average, ignore_index=IGNORE_INDEX,
+                chunk_size=self.hparams.logits_chunk_size,
+            )  # fmt: skip
         return logps.chunk(2)
+
+    def _lean_head_weight(self) -> Tensor | None:
+        """The LM head's weight (V, H) when the lean path applies: on, and a plain frozen projection with no
+        bias, scaling or soft-capping of the logits (anything else takes the full-logits path)."""
+        if not self.hparams.lean_logps:
+            return None
+        model = self.policy.get_base_model()
+        head, config = model.get_output_embeddings(), model.config
+        plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+        if plain and getattr(config, "final_logit_softcapping", None) is None and not hasattr(config, "logit_scale"):
+            return head.weight
+        if not getattr(self, "_said_not_lean", False):
+            log.warning("lean_logps: %s's LM head is not a plain projection; computing full logits", type(model))
+            self._said_not_lean = True
+        return None
 
     def compute_loss(self, batch: PreferenceBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
         """(scalar loss, per-example metrics (B,) keyed by `metric_names`) for a batch of `split`."""

@@ -1,0 +1,241 @@
+"""Throughput and peak memory of our DPO / ORPO training on a synthetic QLoRA workload.
+
+The workload is the one of the shared TRL reference script (`trl_anchor.py`): a word-level tokenizer (one
+word = one token, so lengths are exact), a randomly initialised Llama of the chosen size, nf4 double-quant
+base, LoRA r16 alpha 32 on all linear layers, lr 5e-6 cosine, beta 0.1, gradient clipping at 1.0 (TRL's
+default), gradient checkpointing unless --no-gc, bf16-mixed on a GPU and fp32 on a CPU. It drives the real
+`alignment.DPO` / `alignment.ORPO` through a Lightning `Trainer`, times the optimizer steps after --warm,
+and prints one line per length: `RESULT {json}`.
+
+    python benchmarks/bench.py --algo dpo --size tinyllama --steps 30 --warm 5 --bs 4 \\
+        --prompt-len 128 --completion-len 384 --precompute-ref
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's `alignment`, installed or not
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from alignment import DPO, ORPO, PreferenceDataModule  # noqa: E402
+
+SIZES = {
+    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+    # a tiny body under a 128k vocabulary: on a CPU its peak memory is mostly logits
+    "tiny-128k": dict(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2),
+    # Llama-3-8B's widths and vocabulary, 4 layers: the logits are what grow with length
+    "llama3-4l": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                      num_attention_heads=32, num_key_value_heads=8),
+    # TinyLlama-1.1B's architecture
+    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4),
+}  # fmt: skip
+H100_BF16_PEAK = 798e12  # dense bf16 matmul FLOP/s measured on the H100 of the reference figures
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--algo", choices=["dpo", "orpo"], default="dpo")
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warm", type=int, default=5, help="steps before the timed ones")
+    ap.add_argument("--bs", type=int, default=4, help="pairs per step")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--completion-len", default="384", help="comma list: one run per length")
+    ap.add_argument("--no-4bit", action="store_true", help="full-precision base")
+    ap.add_argument("--no-gc", action="store_true", help="no gradient checkpointing")
+    ap.add_argument("--precompute-ref", action="store_true", help="DPO: reference log-probs from the cache")
+    ap.add_argument("--plain-logps", action="store_true", help="full (2B, T, V) logits, not the lean path")
+    ap.add_argument("--logits-chunk-size", type=int, default=None)
+    ap.add_argument("--peak-flops", type=float, default=None, help=f"for MFU; default {H100_BF16_PEAK:g} on an H100")
+    return ap.parse_args(argv)
+
+
+# ---- the synthetic workload ----------------------------------------------------------------------------------
+
+
+def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Word-level: "w<i>" is token i, so a text of k words is exactly k tokens."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3} | {f"w{i}": i for i in range(4, vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def write_base(size: str, root: Path) -> Path:
+    """A seeded random Llama of `size` and its tokenizer, saved in bf16 like a hub checkpoint."""
+    spec = SIZES[size]
+    torch.manual_seed(0)
+    config = LlamaConfig(**spec, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root)
+    make_tokenizer(spec["vocab_size"]).save_pretrained(root)
+    return root
+
+
+def write_pairs(path: Path, n: int, vocab_size: int, prompt_len: int, completion_len: int) -> Path:
+    rng = random.Random(0)
+
+    def words(k: int) -> str:
+        return " ".join(f"w{rng.randrange(4, vocab_size)}" for _ in range(k))
+
+    rows = [
+        {"prompt": words(prompt_len), "chosen": words(completion_len), "rejected": words(completion_len)}
+        for _ in range(n)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+# ---- timing ------------------------------------------------------------------------------------------------
+
+
+class StepTimer(L.Callback):
+    """Wall time of the optimizer steps after `warm`, and the accelerator's peak memory from the first step on."""
+
+    def __init__(self, warm: int):
+        self.warm, self.start, self.end, self.timed = warm, None, None, 0
+
+    def _now(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # kernels are asynchronous: a step ends when the GPU is done
+        return time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the base is loaded (configure_model), before any reference pass: the load's transients
+        # are not counted, the training's are
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.warm == 0:
+            self.start = self._now()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self.warm:
+            self.start = self._now()
+        elif step > self.warm:
+            self.end, self.timed = self._now(), step - self.warm
+
+
+# ---- one run -----------------------------------------------------------------------------------------------
+
+
+def build_module(args: argparse.Namespace, base: Path, cache_dir: Path) -> L.LightningModule:
+    common = dict(
+        base=str(base), load_in_4bit=not args.no_4bit, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+        lora_target_modules="all-linear", gradient_checkpointing=not args.no_gc, learning_rate=5e-6,
+        lr_scheduler="cosine", beta=0.1, lean_logps=not args.plain_logps, logits_chunk_size=args.logits_chunk_size,
+    )  # fmt: skip
+    if args.algo == "orpo":
+        return ORPO(**common)
+    if "reference_cache" in inspect.signature(DPO.__init__).parameters:
+        # each run fills its own cache (before the first step, so outside the timing), never reuses one
+        return DPO(**common, reference_cache=args.precompute_ref, reference_cache_dir=str(cache_dir))
+    if args.precompute_ref:
+        raise SystemExit("--precompute-ref: this version of alignment.DPO has no reference cache")
+    return DPO(**common)
+
+
+def train_flops_per_token(module: L.LightningModule, args: argparse.Namespace) -> float:
+    """Model FLOPs per trained token, the count of the reference figures: N = parameters in matmuls (every
+    linear layer and the LM head, not the input embeddings), 2N for the forward, 2N for the backward to the
+    activations (frozen base: no weight gradients; LoRA's own FLOPs, ~1%, not counted), 2N more for the
+    recomputed forward with gradient checkpointing, and 2N for a live reference forward (DPO without the
+    cache). Attention's score/value products are not counted, and the LM head counts at every position
+    even where the lean path skips it: the count says what the model needs, not what this code does."""
+    model = module.policy.get_base_model()
+    # the base's matrices: not LoRA's, not the norms' vectors
+    frozen = sum(_stored_numel(p) for p in model.parameters() if not p.requires_grad and p.dim() == 2)
+    n = frozen - model.get_input_embeddings().weight.numel()
+    passes = 4 + (0 if args.no_gc else 2) + (2 if args.algo == "dpo" and not args.precompute_ref else 0)
+    return passes * n
+
+
+def _stored_numel(param: torch.Tensor) -> int:
+    # a 4-bit weight is stored packed, two values a byte: its logical size is in quant_state
+    state = getattr(param, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else param.numel()
+
+
+def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
+    vocab = SIZES[args.size]["vocab_size"]
+    base = work / "base"
+    if not base.exists():
+        write_base(args.size, base)
+    pairs = write_pairs(work / f"pairs-{completion_len}.jsonl", args.bs * (args.steps + 2), vocab,
+                        args.prompt_len, completion_len)  # fmt: skip
+    data = PreferenceDataModule(
+        str(pairs), tokenizer=str(base), use_chat_template=False, val_fraction=0.0, batch_size=args.bs,
+        max_length=args.prompt_len + completion_len + 8, max_prompt_length=None, pad_to_multiple_of=8,
+    )  # fmt: skip
+    module = build_module(args, base, work / f"reference-{completion_len}")
+    cuda = torch.cuda.is_available()
+    timer = StepTimer(args.warm)
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, precision="bf16-mixed" if cuda else "32-true", max_steps=args.steps,
+        gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
+        callbacks=[timer], default_root_dir=str(work),
+    )  # fmt: skip
+    L.seed_everything(0, verbose=False)
+    started = time.perf_counter()
+    try:
+        trainer.fit(module, data)
+    except torch.OutOfMemoryError:
+        return dict(system="ours", algo=args.algo, size=args.size, bs=args.bs, seq=args.prompt_len + completion_len,
+                    oom=True)  # fmt: skip
+    return summarize(args, completion_len, module, trainer, timer, time.perf_counter() - started)
+
+
+def summarize(args, completion_len, module, trainer, timer: StepTimer, total_s: float) -> dict:
+    seq = args.prompt_len + completion_len
+    seconds = timer.end - timer.start
+    tokens = timer.timed * args.bs * 2 * seq  # chosen + rejected tokens (prompt included), as the reference counts
+    tokens_per_s = tokens / seconds
+    cuda = torch.cuda.is_available()
+    peak_flops = args.peak_flops or (H100_BF16_PEAK if cuda and "H100" in torch.cuda.get_device_name() else None)
+    flops = train_flops_per_token(module, args)
+    return dict(
+        system="ours", algo=args.algo, size=args.size, four_bit=not args.no_4bit, bs=args.bs, seq=seq,
+        gradient_checkpointing=not args.no_gc, precompute_ref=args.precompute_ref, lean_logps=not args.plain_logps,
+        timed_steps=timer.timed, step_s=seconds / timer.timed, tokens_per_s=tokens_per_s, total_s=total_s,
+        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        flops_per_token=flops, mfu=tokens_per_s * flops / peak_flops if peak_flops else None,
+        last_loss=float(trainer.callback_metrics["loss"]) if "loss" in trainer.callback_metrics else None,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.steps <= args.warm:
+        raise SystemExit(f"--steps {args.steps} must exceed --warm {args.warm}")
+    with tempfile.TemporaryDirectory(prefix="alignment-bench-") as work:
+        for completion_len in [int(x) for x in args.completion_len.split(",")]:
+            print("RESULT " + json.dumps(run_one(args, completion_len, Path(work))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
