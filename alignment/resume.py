@@ -19,8 +19,9 @@ from alignment.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-# settings a resumed run may change: they change neither what is learnt nor the order it is learnt in
-MAY_CHANGE = {"gradient_checkpointing", "reference_cache", "reference_cache_dir"}
+# settings a resumed run may change: speed and memory knobs, which change neither what is learnt nor the order
+# it is learnt in (only float rounding, so a resume that changes them is no longer bit-exact)
+MAY_CHANGE = {"gradient_checkpointing", "reference_cache", "reference_cache_dir", "lean_logps", "logits_chunk_size"}
 
 
 class RunCSVLogger(CSVLogger):
