@@ -156,6 +156,11 @@ def collate_pairs(pairs: list[TokenizedPair], *, pad_id: int, pad_to_multiple_of
     return PreferenceBatch(input_ids, attention_mask, labels, index)
 
 
+def pair_length(pair: TokenizedPair) -> int:
+    """Width of the pair's longer row: what it costs in a padded batch."""
+    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
 def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
     """sha256 of the token ids of every pair, in order: covers the data, tokenizer, chat template and truncation."""
     digest = hashlib.sha256()
@@ -273,7 +278,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
-        self._train_digest: str | None = None
+        self._digests: dict[str, str] = {}
 
     def prepare_data(self) -> None:
         # hub datasets download here, once per node; local files are read in setup()
@@ -315,11 +320,13 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_set = PairDataset(build(train_rows, split="train"))
         self.val_set = PairDataset(build(val_rows, split="validation")) if val_rows else None
 
-    def train_digest(self) -> str:
-        """sha256 of the training pairs' token ids (what a resumed run must find again); computed once."""
-        if self._train_digest is None:
-            self._train_digest = pairs_digest(self.train_set.pairs)
-        return self._train_digest
+    def digest(self, split: str) -> str:
+        """sha256 of a split's token ids ("train" or "validation"), computed once: the reference cache's key and
+        the resume check both use it."""
+        if split not in self._digests:
+            dataset = self.train_set if split == "train" else self.val_set
+            self._digests[split] = pairs_digest(dataset.pairs)
+        return self._digests[split]
 
     def collate(self, pairs: list[TokenizedPair]) -> PreferenceBatch:
         pad_to = self.hparams.pad_to_multiple_of
@@ -343,7 +350,7 @@ class PreferenceDataModule(L.LightningDataModule):
                     "create the Trainer with use_distributed_sampler=False"
                 )
         sampler = PairBatchSampler(
-            [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in self.train_set],
+            [pair_length(p) for p in self.train_set],
             self.hparams.batch_size,
             num_replicas=world,
             rank=rank,

@@ -340,6 +340,7 @@ class DPO(PreferenceModule):
             splits,
             partial(self._reference_pass, collate=datamodule.collate),
             identity=self._reference_identity(),
+            digests={split: datamodule.digest(split) for split in splits},
             cache_dir=self.hparams.reference_cache_dir,
             batch_size=datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size,
         )

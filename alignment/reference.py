@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from alignment.data import TokenizedPair, pairs_digest
+from alignment.data import TokenizedPair, pair_length
 from alignment.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -49,34 +49,34 @@ def weights_identity(source: str, revision: str | None) -> str:
     path = Path(source)
     if not path.is_dir():  # a hub name while the hub is reachable: the revision pins it, or "main" moves
         return f"hub:{source}@{revision or 'main'}"
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(file.relative_to(path).as_posix().encode())
-        digest.update(_file_sha256(file).encode())
-    return f"sha256:{digest.hexdigest()}"
-
-
-def _file_sha256(file: Path) -> str:
-    # hashing GBs of weights on every run would cost seconds: remember the hash per (path, size, mtime)
-    stat = file.stat()
+    # hashing GBs of weights on every run would cost seconds: remember each file's hash per (path, size, mtime)
     memo = default_cache_dir() / "file-hashes.json"
-    key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     try:
         known = json.loads(memo.read_text())
     except (OSError, ValueError):
         known = {}
-    if key in known:
-        return known[key]
+    digest, before = hashlib.sha256(), len(known)
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        stat = file.stat()
+        key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in known:
+            known[key] = _file_sha256(file)
+        digest.update(file.relative_to(path).as_posix().encode())
+        digest.update(known[key].encode())
+    if len(known) != before:
+        try:
+            atomic_write(memo, lambda handle: handle.write(json.dumps(known).encode()))
+        except OSError:  # a read-only cache only costs the hashes next time
+            pass
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _file_sha256(file: Path) -> str:
     digest = hashlib.sha256()
     with file.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
-    known[key] = digest.hexdigest()
-    try:
-        atomic_write(memo, lambda handle: handle.write(json.dumps(known).encode()))
-    except OSError:  # a read-only cache only costs the hash next time
-        pass
-    return known[key]
+    return digest.hexdigest()
 
 
 def fingerprint(parts: dict) -> str:
@@ -151,12 +151,8 @@ class ReferenceCache:
 def length_sorted_shards(pairs: Sequence[TokenizedPair], rank: int, world: int) -> list[int]:
     """This process's share of the positions, longest first: similar lengths share a batch (little padding) and
     every process gets a similar load."""
-    by_length = sorted(range(len(pairs)), key=lambda i: -_length(pairs[i]))
+    by_length = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
     return by_length[rank::world]
-
-
-def _length(pair: TokenizedPair) -> int:
-    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 
 def compute_tables(
@@ -188,17 +184,19 @@ def reference_tables(
     logps_fn: Callable[[list[TokenizedPair]], tuple[Tensor, Tensor, Tensor, Tensor]],
     *,
     identity: dict,
+    digests: dict[str, str],
     cache_dir: str | Path | None,
     batch_size: int,
 ) -> Tables:
     """The reference tables of every split: from the cache when a valid entry matches, else computed.
 
-    Under DDP the global-zero process reads the entry and broadcasts it, so the nodes need not share a file system.
-    On a miss each process computes a length-sorted share, the shares are gathered on every process, and the
-    global-zero process writes the entry while the others wait at a barrier.
+    The entry's key is `identity` (model and numerics) with `digests`, the splits' token-id hashes
+    (`pairs_digest`). Under DDP the global-zero process reads the entry and broadcasts it, so the nodes need not
+    share a file system. On a miss each process computes a length-sorted share, the shares are gathered on every
+    process, and the global-zero process writes the entry while the others wait at a barrier.
     """
     strategy, rank, world = trainer.strategy, trainer.global_rank, trainer.world_size
-    key = fingerprint({**identity, "format": FORMAT_VERSION, "pairs": {s: pairs_digest(p) for s, p in splits.items()}})
+    key = fingerprint({**identity, "format": FORMAT_VERSION, "pairs": digests})
     cache = ReferenceCache(cache_dir)
     tables = cache.load(key, {s: len(p) for s, p in splits.items()}) if trainer.is_global_zero else None
     tables = strategy.broadcast(tables, src=0)

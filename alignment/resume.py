@@ -49,7 +49,8 @@ class RunCSVLogger(CSVLogger):
 
 
 def checkpoint_step(path: str | Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    # mmap: only the few bytes of the step are read, not the adapters and optimizer state
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -98,10 +99,10 @@ def run_identity(module, datamodule, trainer) -> dict[str, Any]:
     training pairs and their batching."""
     hparams = {k: v for k, v in dict(module.hparams).items() if k not in MAY_CHANGE}
     identity: dict[str, Any] = {"method": type(module).__name__, "model": hparams}
-    if datamodule is not None and hasattr(datamodule, "train_digest"):
+    if datamodule is not None and hasattr(datamodule, "digest"):
         data = datamodule.hparams
         identity["data"] = {
-            "training pairs (content, tokenization, truncation)": datamodule.train_digest(),
+            "training pairs (content, tokenization, truncation)": datamodule.digest("train"),
             "batch_size": data.batch_size,
             "group_by_length": data.group_by_length,
             "seed": data.seed,
