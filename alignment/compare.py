@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from alignment.data import tokenize_rows
+from alignment.encoding import prompt_ids
 from alignment.errors import ConfigError, DataError
 from alignment.rows import PreferenceRow, _read_records
 from alignment.rundir import adapter_dir, base_of, run_of_adapter
@@ -133,7 +133,7 @@ def prompt_token_ids(
     rows = [
         PreferenceRow(prompt, "x", "x", system, source=f"prompt {i}") for i, (prompt, system) in enumerate(prompts, 1)
     ]
-    return [prompt for prompt, _, _ in tokenize_rows(rows, tokenizer, use_chat_template, desc="prompts")]
+    return prompt_ids(rows, tokenizer, use_chat_template)
 
 
 # ---- generation --------------------------------------------------------------------------------------------------

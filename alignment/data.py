@@ -17,9 +17,9 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from alignment.encoding import tokenize_rows
 from alignment.errors import ConfigError
 from alignment.model import TINY, load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
@@ -45,77 +45,6 @@ class PreferenceBatch(NamedTuple):
     index: Tensor  # (B,) position of each pair in its split
 
 
-# ---- text → ids -----------------------------------------------------------------------------------------------
-
-
-def _as_messages(part: str | list[dict[str, str]], role: str) -> list[dict[str, str]]:
-    return [{"role": role, "content": part}] if isinstance(part, str) else list(part)
-
-
-def render_pair(row: PreferenceRow, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> tuple[str, ...]:
-    """(prompt, chosen, rejected) as text; the prompt is rendered once, so both answers share its boundary."""
-    if not use_chat_template:
-        if not isinstance(row.prompt, str):
-            raise DataError(
-                f"{row.source}: rows are chat messages but no chat template is used "
-                "(the tokenizer has none, or --data.use_chat_template false)"
-            )
-        prompt = f"{row.system}\n\n{row.prompt}" if row.system else row.prompt
-        return prompt, row.chosen, row.rejected  # EOS is appended to the answers as an id, not as text
-    messages = _as_messages(row.prompt, "user")
-    if row.system:
-        if messages and messages[0]["role"] == "system":
-            raise DataError(f"{row.source}: the row has both a system field and a system message in its prompt")
-        messages = [{"role": "system", "content": row.system}] + messages
-    prompt = _apply_template(tokenizer, messages, row.source, add_generation_prompt=True)
-    answers = []
-    for answer in (row.chosen, row.rejected):
-        full = _apply_template(tokenizer, messages + _as_messages(answer, "assistant"), row.source)
-        if not full.startswith(prompt):
-            raise DataError(
-                f"{row.source}: the chat template renders the prompt differently inside the whole conversation, "
-                "so the prompt/answer boundary cannot be found; try --data.use_chat_template false"
-            )
-        answers.append(full[len(prompt) :])
-    return prompt, answers[0], answers[1]
-
-
-def _apply_template(tokenizer: PreTrainedTokenizerBase, messages: list, source: str, **kwargs) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-    except Exception as err:  # templates raise their own errors, e.g. roles that do not alternate
-        raise DataError(f"{source}: the tokenizer's chat template rejects this conversation: {err}") from err
-
-
-def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-
-
-def tokenize_rows(
-    rows: list[PreferenceRow], tokenizer: PreTrainedTokenizerBase, use_chat_template: bool, desc: str = "tokenizing"
-) -> list[tuple[list[int], list[int], list[int]]]:
-    """Token ids of (prompt, chosen, rejected) per row, before truncation.
-
-    Texts are tokenized without special tokens; BOS goes in front of the prompt when the tokenizer would
-    add it, and EOS ends the answers when no chat template (which writes its own end of turn) is used.
-    """
-    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
-    eos = [] if use_chat_template else [tokenizer.eos_token_id]
-    encoded: list[tuple[list[int], list[int], list[int]]] = []
-    chunk = 1024
-    with tqdm(total=len(rows), desc=desc, unit="pairs", disable=len(rows) <= chunk) as progress:
-        for start in range(0, len(rows), chunk):
-            texts = [render_pair(row, tokenizer, use_chat_template) for row in rows[start : start + chunk]]
-            columns = [tokenizer([t[i] for t in texts], add_special_tokens=False)["input_ids"] for i in range(3)]
-            for prompt, chosen, rejected in zip(*columns, strict=True):
-                if bos and prompt[:1] != bos:
-                    prompt = bos + prompt
-                encoded.append((prompt, chosen + eos, rejected + eos))
-            progress.update(len(texts))
-    return encoded
-
-
 # ---- pure functions on ids ---------------------------------------------------------------------------------------
 
 
@@ -127,15 +56,36 @@ def truncate_pair(
     *,
     max_length: int,
     max_prompt_length: int | None = None,
+    head: int = 0,
+    template: bytes = b"",
 ) -> TokenizedPair | None:
-    """Fit a pair into max_length: the prompt keeps its END (at most max_prompt_length tokens), the answers
-    keep their START. None when no answer token would be left."""
+    """Fit a pair into max_length: the answers keep their START; a prompt over max_prompt_length keeps its first
+    `head` tokens and its END (see `cut_prompt`). None when no answer token would be left, or the prompt cannot be
+    cut to max_prompt_length."""
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
+        prompt_ids = cut_prompt(prompt_ids, max_prompt_length, head, template)
+        if prompt_ids is None:
+            return None
     room = max_length - len(prompt_ids)
     if room < 1:
         return None
     return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room], index)
+
+
+def cut_prompt(prompt_ids: list[int], limit: int, head: int = 0, template: bytes = b"") -> list[int] | None:
+    """At most `limit` tokens: the first `head` (BOS, system turn: a cut prompt still begins as the template
+    begins), then the prompt's end. `template[i]` is 1 where the chat template wrote token i: the end never starts
+    inside a run of such tokens (a marker like `<|user|>` may be several tokens), and keeps the final run (the
+    generation prompt) whole. None when the head and that final run alone do not fit."""
+    final_run = 0
+    while final_run < len(template) - head and template[len(template) - 1 - final_run]:
+        final_run += 1
+    if head + final_run > limit:
+        return None
+    start = len(prompt_ids) - (limit - head)
+    while head < start < len(template) and template[start] and template[start - 1]:
+        start += 1
+    return prompt_ids[:head] + prompt_ids[start:]
 
 
 def collate_pairs(pairs: list[TokenizedPair], *, pad_id: int, pad_to_multiple_of: int = 1) -> PreferenceBatch:
@@ -193,26 +143,36 @@ def build_pairs(
 ) -> list[TokenizedPair]:
     """Tokenize and truncate a split; says in the log how many rows were cut and dropped."""
     encoded = tokenize_rows(rows, tokenizer, use_chat_template, desc=f"tokenizing {split}")
-    pairs, dropped, cut_prompts, cut_answers, same = [], [], 0, 0, 0
-    for row, (prompt, chosen, rejected) in zip(rows, encoded, strict=True):
+    pairs, dropped, long_heads, cut_prompts, cut_answers, same = [], [], [], 0, 0, 0
+    for row, enc in zip(rows, encoded, strict=True):
         pair = truncate_pair(
-            prompt, chosen, rejected, len(pairs), max_length=max_length, max_prompt_length=max_prompt_length
-        )
+            enc.prompt_ids, enc.chosen_ids, enc.rejected_ids, len(pairs),
+            max_length=max_length, max_prompt_length=max_prompt_length, head=enc.head, template=enc.template,
+        )  # fmt: skip
         if pair is None:
-            dropped.append(row.source)
+            uncuttable = max_prompt_length is not None and len(enc.prompt_ids) > max_prompt_length
+            uncuttable = uncuttable and cut_prompt(enc.prompt_ids, max_prompt_length, enc.head, enc.template) is None
+            (long_heads if uncuttable else dropped).append(row.source)
             continue
-        cut_prompts += len(pair.prompt_ids) < len(prompt)
-        cut_answers += len(pair.chosen_ids) < len(chosen) or len(pair.rejected_ids) < len(rejected)
+        cut_prompts += len(pair.prompt_ids) < len(enc.prompt_ids)
+        cut_answers += len(pair.chosen_ids) < len(enc.chosen_ids) or len(pair.rejected_ids) < len(enc.rejected_ids)
         same += pair.chosen_ids == pair.rejected_ids
         pairs.append(pair)
     log.info(
-        "%s: %d pairs; %d prompts cut to max_prompt_length=%s, %d pairs with answers cut to max_length=%d",
+        "%s: %d pairs; %d prompts cut to max_prompt_length=%s (their start and end kept), "
+        "%d pairs with answers cut to max_length=%d",
         split, len(pairs), cut_prompts, max_prompt_length, cut_answers, max_length,
     )  # fmt: skip
     if dropped:
         log.warning(
             "%s: dropped %d pairs whose prompt leaves no room for an answer in max_length=%d (first: %s)",
             split, len(dropped), max_length, ", ".join(dropped[:3]),
+        )  # fmt: skip
+    if long_heads:
+        log.warning(
+            "%s: dropped %d pairs whose template start (BOS, system turn, first header) and generation prompt "
+            "alone exceed max_prompt_length=%d (first: %s)",
+            split, len(long_heads), max_prompt_length, ", ".join(long_heads[:3]),
         )  # fmt: skip
     if same:
         log.warning("%s: %d pairs have identical chosen and rejected tokens after truncation", split, same)
@@ -265,6 +225,13 @@ class PreferenceDataModule(L.LightningDataModule):
         super().__init__()
         if not 0 <= val_fraction < 1:
             raise ConfigError(f"--data.val_fraction must be in [0, 1), got {val_fraction}")
+        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "max_length": max_length}
+        sizes |= {"pad_to_multiple_of": pad_to_multiple_of, "max_prompt_length": max_prompt_length}
+        for flag, value in sizes.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"--data.{flag} must be at least 1, got {value}")
+        if num_workers < 0:
+            raise ConfigError(f"--data.num_workers must be 0 or more, got {num_workers}")
         if val_split is not None and val_path is None and path is not None and Path(path).exists():
             # a hub config run on a local file: its split name means nothing here, and reading the same file
             # again would validate on the training pairs

@@ -6,8 +6,11 @@ Accepted rows (per row; columns can be renamed with `columns`):
 2. chat messages: `chosen`/`rejected` hold only the answer (assistant turns), `prompt` the messages before it
    (or a string, which becomes one user message);
 3. whole conversations: `chosen`/`rejected` repeat the prompt messages before their answers, as in
-   ultrafeedback. The prompt then becomes the messages they share, up to (not including) the last assistant
-   turn of each, and a `prompt` column, if any, is ignored; it may be absent altogether.
+   ultrafeedback. The messages they share, up to (not including) the last assistant turn of each, are the prompt
+   when they hold a user or system turn (a `prompt` column then repeats it, or is absent); when they hold only
+   assistant turns they follow the `prompt` column's messages, so the user's prompt is never lost.
+
+Message roles are `system`, `user` and `assistant`; any other is an error (templates drop roles they don't know).
 
 When any of the three is a message list, all three become message lists.
 """
@@ -38,6 +41,7 @@ SUPPORTED = (".jsonl", ".json", ".parquet", ".csv")
 FIELDS = ("prompt", "chosen", "rejected", "system")
 ANSWER_ROLE = "assistant"
 PROMPT_ROLES = ("user", "system")  # roles that may not appear inside an answer
+ROLES = ("system", "user", ANSWER_ROLE)
 
 
 @dataclass(frozen=True)
@@ -303,6 +307,11 @@ def _check_part(source: str, field: str, value: Any) -> Part:
 def _check_message(source: str, field: str, number: int, message: Any) -> Message:
     """The message reduced to role and content, which is all that the chat templates here use."""
     if isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str):
+        if message["role"] not in ROLES:
+            raise DataError(
+                f"{source}: field {field!r}, message {number}: unknown role {message['role']!r}; expected one of "
+                f"{', '.join(ROLES)} (rename roles such as 'human'/'gpt' before training)"
+            )
         return {"role": message["role"], "content": message["content"]}
     if isinstance(message, dict):
         problems = [
@@ -321,16 +330,18 @@ def _check_message(source: str, field: str, number: int, message: Any) -> Messag
 def _split_messages(source: str, prompt: Part | None, chosen: Part, rejected: Part) -> tuple[Part | None, Part, Part]:
     """Prompt and answers as message lists, moving the conversation that chosen and rejected share into the prompt.
 
-    The shared part is the longest common prefix that ends before the last assistant turn of each; when it is
-    not empty it is the prompt (a prompt column is then ignored), otherwise the prompt column is. None means
-    there is no prompt anywhere.
+    The shared part is the longest common prefix that ends before the last assistant turn of each. When it holds
+    a user or system turn it is the prompt (the conversations carry their prompt, which a prompt column repeats);
+    when it holds only assistant turns, it follows the prompt column's messages. None: no prompt anywhere.
     """
     chosen_m, rejected_m = _as_messages(chosen, ANSWER_ROLE), _as_messages(rejected, ANSWER_ROLE)
     shared = _shared_prefix(chosen_m, rejected_m)
-    if shared:
-        prompt_m: list[Message] | None = chosen_m[:shared]
+    given = None if prompt is None else _as_messages(prompt, "user")
+    if given is None or any(m["role"] in PROMPT_ROLES for m in chosen_m[:shared]):
+        # the conversations hold the prompt in their own words (a prompt column there repeats it)
+        prompt_m: list[Message] | None = chosen_m[:shared] or given
     else:
-        prompt_m = None if prompt is None else _as_messages(prompt, "user")
+        prompt_m = given + chosen_m[:shared]  # shared assistant turns continue the prompt column's conversation
     answers = chosen_m[shared:], rejected_m[shared:]
     for field, answer in zip(("chosen", "rejected"), answers, strict=True):
         stray = next((m["role"] for m in answer if m["role"] in PROMPT_ROLES), None)

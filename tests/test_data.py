@@ -21,10 +21,9 @@ from alignment.data import (
     TokenizedPair,
     build_pairs,
     collate_pairs,
-    render_pair,
-    tokenize_rows,
     truncate_pair,
 )
+from alignment.encoding import render_pair, tokenize_rows
 from alignment.model import build_tiny_tokenizer, load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
 from tests.helpers import synthetic_pairs, write_jsonl
@@ -45,6 +44,11 @@ def user(content: str) -> list[dict[str, str]]:
 
 def assistant(content: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": content}]
+
+
+def encode(rows, tokenizer, use_chat_template):
+    """(prompt, chosen, rejected) ids of each row."""
+    return [tuple(pair[:3]) for pair in tokenize_rows(rows, tokenizer, use_chat_template)]
 
 
 # ---- truncate_pair -------------------------------------------------------------------------------------------------
@@ -172,19 +176,19 @@ def test_collate_rounds_the_width_up(multiple, width):
 
 def test_plain_rows_get_bos_before_the_prompt_and_eos_after_the_answers(tokenizer):
     row = PreferenceRow("ab", "c", "dd", source="t.jsonl, line 1")
-    assert tokenize_rows([row], tokenizer, use_chat_template=False) == [([BOS, A, B], [C, EOS], [D, D, EOS])]
+    assert encode([row], tokenizer, False) == [([BOS, A, B], [C, EOS], [D, D, EOS])]
 
 
 def test_plain_rows_put_the_system_prompt_before_the_prompt(tokenizer):
     row = PreferenceRow("ab", "c", "d", system="S", source="t.jsonl, line 1")
     assert render_pair(row, tokenizer, use_chat_template=False) == ("S\n\nab", "c", "d")
-    ((prompt, _, _),) = tokenize_rows([row], tokenizer, use_chat_template=False)
+    ((prompt, _, _),) = encode([row], tokenizer, False)
     assert prompt == [BOS, ord("S") - 26, NL, NL, A, B]
 
 
 def test_plain_answers_hold_no_bos(tokenizer):
     rows = [PreferenceRow(p, c, r) for p, c, r in [("x", "abc", "cba"), ("long prompt", "y", "zz")]]
-    for prompt, chosen, rejected in tokenize_rows(rows, tokenizer, use_chat_template=False):
+    for prompt, chosen, rejected in encode(rows, tokenizer, False):
         assert prompt[0] == BOS and prompt.count(BOS) == 1
         for answer in (chosen, rejected):
             assert BOS not in answer
@@ -201,7 +205,7 @@ def test_chat_prompt_ends_with_the_generation_prompt(tokenizer):
 
 def test_chat_ids_are_literal(tokenizer):
     row = PreferenceRow(user("ab"), assistant("c"), assistant("d"))
-    ((prompt, chosen, rejected),) = tokenize_rows([row], tokenizer, use_chat_template=True)
+    ((prompt, chosen, rejected),) = encode([row], tokenizer, True)
     assert prompt == [BOS, 5, NL, A, B, EOS, NL, 6, NL]
     assert chosen == [C, EOS, NL]
     assert rejected == [D, EOS, NL]
@@ -210,7 +214,7 @@ def test_chat_ids_are_literal(tokenizer):
 def test_chat_prompt_and_answer_ids_rebuild_the_whole_conversation(tokenizer):
     messages = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}, *user("sort: cab")]
     row = PreferenceRow(messages, assistant("abc"), assistant("bca"))
-    ((prompt, chosen, rejected),) = tokenize_rows([row], tokenizer, use_chat_template=True)
+    ((prompt, chosen, rejected),) = encode([row], tokenizer, True)
     rendered_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     whole = tokenizer.apply_chat_template(messages + assistant("abc"), tokenize=False)
     assert rendered_prompt.endswith("<|assistant|>\n")
@@ -223,7 +227,7 @@ def test_chat_prompt_and_answer_ids_rebuild_the_whole_conversation(tokenizer):
 def test_chosen_and_rejected_share_the_prompt_ids(tokenizer):
     row = PreferenceRow(user("q"), assistant("a"), assistant("bb"), system="S")
     messages = [{"role": "system", "content": "S"}, *user("q")]
-    ((prompt, chosen, rejected),) = tokenize_rows([row], tokenizer, use_chat_template=True)
+    ((prompt, chosen, rejected),) = encode([row], tokenizer, True)
     for answer, ids in (("a", chosen), ("bb", rejected)):
         whole = tokenizer.apply_chat_template(messages + assistant(answer), tokenize=False)
         assert tokenizer.decode(prompt + ids) == "<s>" + whole
@@ -233,7 +237,7 @@ def test_chat_system_field_becomes_the_first_turn(tokenizer):
     row = PreferenceRow("ab", "c", "d", system="be brief")
     prompt, _, _ = render_pair(row, tokenizer, use_chat_template=True)
     assert prompt == "<|system|>\nbe brief</s>\n<|user|>\nab</s>\n<|assistant|>\n"
-    ((ids, _, _),) = tokenize_rows([row], tokenizer, use_chat_template=True)
+    ((ids, _, _),) = encode([row], tokenizer, True)
     assert ids[:3] == [BOS, 4, NL]
 
 
@@ -247,7 +251,7 @@ def test_system_field_and_system_message_together_raise(tokenizer):
 def test_chat_rows_without_chat_template_raise_naming_the_row(tokenizer):
     row = PreferenceRow(user("ab"), assistant("c"), assistant("d"), source="chat.jsonl, line 3")
     with pytest.raises(DataError, match="chat.jsonl, line 3"):
-        tokenize_rows([row], tokenizer, use_chat_template=False)
+        encode([row], tokenizer, False)
 
 
 # ---- build_pairs ---------------------------------------------------------------------------------------------------
@@ -279,7 +283,8 @@ def test_build_pairs_logs_cut_prompts_and_answers(tokenizer, caplog):
     assert [len(p.prompt_ids) for p in pairs] == [4, 4, 2, 2]
     assert [len(p.chosen_ids) for p in pairs] == [2, 3, 5, 2]
     messages = [r.getMessage() for r in caplog.records if r.name == "alignment.data"]
-    assert "train: 4 pairs; 2 prompts cut to max_prompt_length=4, 2 pairs with answers cut to max_length=7" in messages
+    expected = "train: 4 pairs; 2 prompts cut to max_prompt_length=4 (their start and end kept), 2 pairs with answers"
+    assert f"{expected} cut to max_length=7" in messages
 
 
 def test_build_pairs_warns_about_dropped_pairs_naming_the_first(tokenizer, caplog):

@@ -71,7 +71,7 @@ def test_extra_message_keys_are_dropped(tmp_path: Path) -> None:
 
 
 def test_ultrafeedback_style_conversations_are_split_at_the_shared_prefix(tmp_path: Path) -> None:
-    record = {"prompt": "ignored: the conversations carry it", "chosen": [SYSTEM, USER, GOOD]}
+    record = {"prompt": "the conversations carry it", "chosen": [SYSTEM, USER, GOOD]}
     record["rejected"] = [SYSTEM, USER, BAD]
     (row,) = load_rows(str(write_jsonl(tmp_path, [record])))
     assert row.prompt == [SYSTEM, USER]
@@ -97,6 +97,34 @@ def test_answers_with_multiple_assistant_turns_keep_them(tmp_path: Path) -> None
     more = {"role": "assistant", "content": "Four."}
     (row,) = load_rows(str(write_jsonl(tmp_path, [{"chosen": [USER, GOOD, more], "rejected": [USER, BAD]}])))
     assert (row.prompt, row.chosen, row.rejected) == ([USER], [GOOD, more], [BAD])
+
+
+def test_the_prompt_column_is_kept_when_the_answers_share_only_assistant_turns(tmp_path: Path) -> None:
+    # the answers are several assistant turns that share their first: that turn continues the prompt column's
+    # conversation, it does not replace it
+    shared, more_good, more_bad = (
+        GOOD,
+        {"role": "assistant", "content": "Yes."},
+        {"role": "assistant", "content": "No."},
+    )
+    record = {"prompt": "What is 2 + 2?", "chosen": [shared, more_good], "rejected": [shared, more_bad]}
+    (row,) = load_rows(str(write_jsonl(tmp_path, [record])))
+    assert row.prompt == [USER, shared]
+    assert (row.chosen, row.rejected) == ([more_good], [more_bad])
+
+
+def test_the_conversation_is_the_prompt_when_it_holds_the_user_turn(tmp_path: Path) -> None:
+    record = {"prompt": "What is 2 + 2? ", "chosen": [USER, GOOD], "rejected": [USER, BAD]}  # ultrafeedback
+    (row,) = load_rows(str(write_jsonl(tmp_path, [record])))
+    assert row.prompt == [USER]
+
+
+@pytest.mark.parametrize("field", ["prompt", "chosen"])
+def test_an_unknown_role_names_the_row_field_and_message(tmp_path: Path, field: str) -> None:
+    record = {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}
+    record[field] = [{"role": "human" if field == "prompt" else "gpt", "content": "hi"}]
+    with pytest.raises(DataError, match=rf"line 1: field '{field}', message 1: unknown role '(human|gpt)'"):
+        load_rows(str(write_jsonl(tmp_path, [record])))
 
 
 def test_empty_prompt_string_is_allowed(tmp_path: Path) -> None:
