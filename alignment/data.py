@@ -142,7 +142,7 @@ def build_pairs(
     split: str,
 ) -> list[TokenizedPair]:
     """Tokenize and truncate a split; says in the log how many rows were cut and dropped."""
-    encoded = tokenize_rows(rows, tokenizer, use_chat_template, desc=f"tokenizing {split}")
+    encoded = tokenize_rows(rows, tokenizer, use_chat_template, f"tokenizing {split}", layout_over=max_prompt_length)
     pairs, dropped, long_heads, cut_prompts, cut_answers, same = [], [], [], 0, 0, 0
     for row, enc in zip(rows, encoded, strict=True):
         pair = truncate_pair(

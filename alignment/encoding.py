@@ -128,16 +128,22 @@ def _prompt_layout(
     """(head, template mask) of a prompt's ids from each token's character offsets; `bos` ids were put in front."""
     if offsets is None:  # a slow tokenizer gives no offsets: only BOS is known to be template
         return bos, bytes([1] * bos + [0] * (n_ids - bos))
-    mask, head = bytearray([1] * bos), None
+    mask, head, k = bytearray([1] * bos), None, 0
     for position, (start, end) in enumerate(offsets, bos):
-        mask.append(0 if any(start < s_end and end > s_start for s_start, s_end in spans) else 1)
+        while k < len(spans) and spans[k][1] <= start:  # spans and offsets both run left to right
+            k += 1
+        mask.append(0 if k < len(spans) and end > spans[k][0] else 1)
         if head is None and end > first_text:
             head = position
     return (n_ids if head is None else head), bytes(mask)
 
 
 def tokenize_rows(
-    rows: list[PreferenceRow], tokenizer: PreTrainedTokenizerBase, use_chat_template: bool, desc: str = "tokenizing"
+    rows: list[PreferenceRow],
+    tokenizer: PreTrainedTokenizerBase,
+    use_chat_template: bool,
+    desc: str = "tokenizing",
+    layout_over: int | None = 0,
 ) -> list[EncodedPair]:
     """Token ids of each pair, before truncation (see `EncodedPair`).
 
@@ -146,7 +152,8 @@ def tokenize_rows(
     takes, as `▁Blue`), the prompt keeps the ids it shares with both answers and that token belongs to the answer:
     the model learns the token it would really emit there (TRL's DPO splits at the same place). BOS goes in front
     when the tokenizer would add it and the text lacks it; EOS ends plain answers unless they end with it already
-    (a chat template writes its own end of turn).
+    (a chat template writes its own end of turn). `head` and `template` are worked out for prompts longer than
+    `layout_over` tokens only (the ones truncation will cut; None: for none), the others get 0 and b"".
     """
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     eos = [] if use_chat_template else [tokenizer.eos_token_id]
@@ -169,10 +176,12 @@ def tokenize_rows(
                 shared = min(common_prefix(prompt, whole_chosen), common_prefix(prompt, whole_rejected))
                 if shared < len(prompt):
                     merged.append(row.source)
-                messages = prompt_messages(row) if use_chat_template else None
-                spans, first_text = _content_spans(texts[i][0], messages)
-                offsets = prompts["offset_mapping"][i] if offsets_ok else None
-                head, template = _prompt_layout(offsets, len(prompt), spans, first_text, len(front))
+                head, template = 0, b""
+                if layout_over is not None and len(prompt) > layout_over:
+                    messages = prompt_messages(row) if use_chat_template else None
+                    spans, first_text = _content_spans(texts[i][0], messages)
+                    offsets = prompts["offset_mapping"][i] if offsets_ok else None
+                    head, template = _prompt_layout(offsets, len(prompt), spans, first_text, len(front))
                 answers = [_end_with(ids[shared:], eos) for ids in (whole_chosen, whole_rejected)]
                 encoded.append(EncodedPair(prompt[:shared], answers[0], answers[1], min(head, shared), template))
             progress.update(len(batch))
