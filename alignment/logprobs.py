@@ -11,13 +11,14 @@ def sequence_logps(logits: Tensor, labels: Tensor, *, average: bool = False, ign
 
     logits (B, T, V) and labels (B, T) are ALIGNED: logits[:, t] scores labels[:, t]; the caller
     shifts a causal LM's output (logits[:, :-1] against input labels[:, 1:]). Positions whose
-    label is ``ignore_index`` contribute nothing. Returns (B,) in float32.
+    label is ``ignore_index`` contribute nothing. Computes in float32, or in the logits' dtype when that is wider
+    (float64 logits: float64 math), and returns (B,) in that dtype.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} are not aligned")
     mask = labels != ignore_index  # (B, T)
     safe_labels = labels.masked_fill(~mask, 0)  # (B, T)
-    logits = logits.float()
+    logits = logits.to(logps_dtype(logits.dtype))
     # log_softmax(x)[y] = x[y] - logsumexp(x): never materialises a second (B, T, V) tensor of logps
     picked = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
     token_logps = (picked - torch.logsumexp(logits, dim=-1)) * mask  # (B, T)
@@ -45,7 +46,8 @@ def sequence_logps_from_hidden(
 
     hidden (B, T, H) and labels (B, T) are ALIGNED as in `sequence_logps`; weight (V, H) is the output
     projection (an LM head without bias). Only positions with a real label get logits, `chunk_size` of them at
-    a time (default: about 2**25 logits per chunk), each chunk log-softmaxed in fp32. Returns (B,) in float32.
+    a time (default: about 2**25 logits per chunk), each chunk log-softmaxed in float32, or in the matmul's dtype
+    when that is wider. Returns (B,) in the dtype `sequence_logps` returns for the logits the matmul would give.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} are not aligned")
@@ -57,10 +59,15 @@ def sequence_logps_from_hidden(
     want_grad = hidden.requires_grad and torch.is_grad_enabled()
     dtype = _matmul_dtype(hidden, weight)
     token_logps = _ChunkedTokenLogps.apply(hidden[mask], weight, labels[mask], chunk, dtype, want_grad)  # (N,)
-    total = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add_(0, rows, token_logps)
+    total = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=labels.device).index_add_(0, rows, token_logps)
     if average:
         return total / mask.sum(-1).clamp(min=1)
     return total
+
+
+def logps_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype log-probs are computed and returned in: float32, never below the input's precision."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -84,13 +91,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, dtype: torch.dtype, want_grad: bool
     ) -> Tensor:
         # hidden (N, H), weight (V, H), targets (N,); want_grad: whether backward will run (not under no_grad)
-        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
+        logps = torch.empty(hidden.shape[0], dtype=logps_dtype(dtype), device=hidden.device)  # (N,)
         d_hidden = torch.empty_like(hidden, dtype=dtype) if want_grad else None  # (N, H)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)  # (V, H)
             for start in range(0, hidden.shape[0], chunk):
                 h, y = hidden[start : start + chunk].to(dtype), targets[start : start + chunk]  # (c, H), (c,)
-                logits = (h @ w.T).float()  # (c, V)
+                logits = (h @ w.T).to(logps.dtype)  # (c, V)
                 lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
                 logps[start : start + chunk] = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
                 if want_grad:

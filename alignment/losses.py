@@ -6,6 +6,7 @@ logged, never differentiated.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -70,20 +71,37 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - e^x) for x <= 0, exact to the input's precision: Maechler 2012, "Accurately computing
+    log(1 - exp(-|a|))" (R's log1mexp, cutoff ln 2): log(-expm1(x)) for x > -ln 2, where 1 - e^x would cancel;
+    log1p(-exp(x)) below, where e^x is small.
+
+    Each branch sees an input clamped into its own range, so the branch that is not taken never makes an inf or a
+    NaN (which `torch.where` would turn into a NaN gradient). x = 0, where the value is -inf, is defined as x =
+    -tiny (the dtype's smallest normal number): a finite value, log(tiny) (-87.3 in float32, -708.4 in float64),
+    and a zero gradient, as any x in [-tiny, 0]. Computes in at least float32.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype).clamp(max=-torch.finfo(dtype).tiny)
+    near_zero = x > -math.log(2)
+    cut = torch.full_like(x, -math.log(2))
+    return torch.where(
+        near_zero,
+        torch.log(-torch.expm1(torch.where(near_zero, x, cut))),  # input in (-ln 2, -tiny]
+        torch.log1p(-torch.exp(torch.where(near_zero, cut, x))),  # input in [-inf, -ln 2]
+    )
+
+
 def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 0.1) -> tuple[Tensor, ...]:
     """Odds-ratio term of ORPO (Hong et al. 2024, eq. 4-7), on per-token MEAN logps.
 
-    log odds(y) = log p - log(1 - p) with p = exp(mean logp);
+    log odds(y) = log p - log(1 - p) with p = exp(mean logp), log(1 - p) by `log1mexp` (exact as mean logp -> 0);
     log_odds_chosen = log odds(chosen) - log odds(rejected); log_odds_ratio = log sigmoid(log_odds_chosen);
     or_losses = -beta * log_odds_ratio (>= 0), the term added to the chosen response's NLL.
     Returns (or_losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen), each (B,);
     rewards = beta * mean logps, detached.
     """
-    # log1p(-exp(x)) is exact for x < 0; clamp keeps it finite when a logp rounds to 0
-    log_odds_chosen = (chosen_logps - rejected_logps) - (
-        torch.log1p(-torch.exp(chosen_logps).clamp(max=1 - 1e-7))
-        - torch.log1p(-torch.exp(rejected_logps).clamp(max=1 - 1e-7))
-    )
+    log_odds_chosen = (chosen_logps - rejected_logps) - (log1mexp(chosen_logps) - log1mexp(rejected_logps))
     log_odds_ratio = F.logsigmoid(log_odds_chosen)
     or_losses = -beta * log_odds_ratio
     return (

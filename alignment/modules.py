@@ -275,8 +275,12 @@ class PreferenceModule(L.LightningModule):
 class DPO(PreferenceModule):
     """Direct Preference Optimization (Rafailov et al. 2023); the reference is the base with adapters off.
 
+    Logged as TRL's DPOTrainer logs, for every loss_type: `logps/*` the policy's log-probs summed over tokens,
+    `rewards/*` beta * (policy - reference) of those sums. IPO's loss alone takes per-token means (as TRL's), so its
+    logged accuracies and margins are not the loss's: a short chosen answer can win on means and lose on sums.
+
     Args:
-        loss_type: sigmoid (DPO), hinge (SLiC), ipo (IPO, on per-token mean logps) or robust (rDPO).
+        loss_type: sigmoid (DPO), hinge (SLiC), ipo (IPO, its loss on per-token mean logps) or robust (rDPO).
         label_smoothing: assumed share of flipped labels (conservative DPO for sigmoid, rDPO for robust).
         reference_cache: compute the reference log-probs of every pair once before training and keep them on
             disk for later runs on the same model and data; false: a reference forward in every step.
@@ -314,13 +318,17 @@ class DPO(PreferenceModule):
 
     def compute_loss(self, batch: PreferenceBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
         hp = self.hparams
-        average = hp.loss_type == "ipo"  # IPO is defined on per-token mean log-probs
-        policy_chosen, policy_rejected = self.sequence_logps(batch, average=average)
-        ref_chosen, ref_rejected = self.reference_logps(batch, average=average, split=split)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-            beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing,
-        )  # fmt: skip
+        policy_chosen, policy_rejected = self.sequence_logps(batch, average=False)  # sums, each (B,)
+        ref_chosen, ref_rejected = self.reference_logps(batch, average=False, split=split)
+        logps = policy_chosen, policy_rejected, ref_chosen, ref_rejected
+        if hp.loss_type == "ipo":  # IPO's loss is on per-token means, as TRL's (Azar et al. 2023, eq. 17)
+            chosen_tokens, rejected_tokens = answer_tokens(batch)
+            logps = (policy_chosen / chosen_tokens, policy_rejected / rejected_tokens,
+                     ref_chosen / chosen_tokens, ref_rejected / rejected_tokens)  # fmt: skip
+        losses, _, _ = dpo_loss(*logps, beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing)
+        # logged as TRL logs them, for every loss type: rewards of sums (the same as dpo_loss's but for IPO)
+        chosen_rewards = hp.beta * (policy_chosen - ref_chosen).detach()
+        rejected_rewards = hp.beta * (policy_rejected - ref_rejected).detach()
         metrics = reward_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
         return losses.mean(), metrics
 
@@ -392,6 +400,12 @@ class ORPO(PreferenceModule):
         metrics = reward_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected)
         metrics.update(nll_loss=nll.detach(), log_odds_ratio=log_odds_ratio, log_odds_chosen=log_odds_chosen)
         return losses.mean(), metrics
+
+
+def answer_tokens(batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) counts of scored answer tokens, each (B,), at least 1: what `sequence_logps` divides
+    the sums by for a mean."""
+    return (batch.labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1).chunk(2)
 
 
 def reward_metrics(

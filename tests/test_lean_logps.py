@@ -47,6 +47,29 @@ def test_values_and_gradients_match_the_plain_path(average, chunk_size):
     assert lean_hidden.grad[2].abs().sum() == 0 and lean_hidden.grad[0, :3].abs().sum() == 0
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_float64_stays_float64_and_matches_the_plain_path(average):
+    hidden, weight, labels = problem(2)
+    hidden, weight = hidden.double(), weight.double()
+    plain_hidden, lean_hidden = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    plain = sequence_logps(plain_hidden @ weight.T, labels, average=average)
+    lean = sequence_logps_from_hidden(lean_hidden, weight, labels, average=average, chunk_size=4)
+    assert lean.dtype == plain.dtype == torch.float64
+    torch.testing.assert_close(lean, plain, rtol=0, atol=1e-12)
+    upstream = torch.tensor([0.3, -1.2, 0.7, 2.0], dtype=torch.float64)
+    (plain * upstream).sum().backward()
+    (lean * upstream).sum().backward()
+    assert lean_hidden.grad.dtype == torch.float64
+    torch.testing.assert_close(lean_hidden.grad, plain_hidden.grad, rtol=0, atol=1e-12)
+    # both against log_softmax in float64, position by position
+    token_logps = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    mask = labels != -100
+    expected = (token_logps * mask).sum(-1)
+    if average:
+        expected = expected / mask.sum(-1).clamp(min=1)
+    torch.testing.assert_close(lean.detach(), expected, rtol=0, atol=1e-12)
+
+
 def test_bf16_autocast_rounds_logits_as_the_plain_path_does():
     hidden, weight, labels = problem(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):

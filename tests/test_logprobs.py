@@ -10,9 +10,9 @@ from alignment.logprobs import sequence_logps
 LN3 = math.log(3.0)
 
 
-def hand_logits() -> torch.Tensor:
+def hand_logits(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(1, 3, 2): position 0 uniform -> p = 1/2 each; positions 1-2 [ln 3, 0] -> p = 3/4, 1/4."""
-    return torch.tensor([[[0.0, 0.0], [LN3, 0.0], [LN3, 0.0]]])
+    return torch.tensor([[[0.0, 0.0], [LN3, 0.0], [LN3, 0.0]]], dtype=dtype)
 
 
 def test_sum_of_token_logps():
@@ -122,3 +122,56 @@ def test_gradient_flows_to_logits():
     # d log_softmax(x)[y] / dx = onehot(y) - softmax(x); ignored position gets zero gradient
     expected = torch.tensor([[[0.5, -0.5], [0.0, 0.0], [-0.75, 0.75]]])
     torch.testing.assert_close(logits.grad, expected, rtol=0, atol=1e-6)
+
+
+# --- precision: float32 at least, never below the input's ----------------------------------------------------------
+
+
+def reference_logps(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Per-sequence sums in Python floats (float64): log p = x[y] - max - log(sum exp(x - max)), math.fsum."""
+    sums = []
+    for row_logits, row_labels in zip(logits.tolist(), labels.tolist(), strict=True):
+        terms = []
+        for scores, label in zip(row_logits, row_labels, strict=True):
+            if label != -100:
+                top = max(scores)
+                terms.append(scores[label] - top - math.log(math.fsum(math.exp(s - top) for s in scores)))
+        sums.append(math.fsum(terms))
+    return sums
+
+
+def test_float64_logits_are_not_rounded_to_float32():
+    # ln(3/32) from logits that hold ln 3 to float64 precision
+    out = sequence_logps(hand_logits(torch.float64), torch.tensor([[0, 0, 1]]))
+    assert out.dtype == torch.float64
+    assert out.item() == pytest.approx(math.log(3 / 32), rel=0, abs=1e-14)
+    mean = sequence_logps(hand_logits(torch.float64), torch.tensor([[0, 0, 1]]), average=True)
+    assert mean.item() == pytest.approx(math.log(3 / 32) / 3, rel=0, abs=1e-14)
+
+
+def test_float64_logits_of_a_wide_vocabulary_match_a_float64_computation():
+    generator = torch.Generator().manual_seed(0)
+    logits = 8 * torch.randn(2, 12, 500, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 500, (2, 12), generator=generator)
+    labels[0, :4] = -100
+    out = sequence_logps(logits, labels)
+    expected = torch.tensor(reference_logps(logits, labels), dtype=torch.float64)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_float64_gradient_is_float64_and_exact():
+    logits = hand_logits(torch.float64).requires_grad_()
+    out = sequence_logps(logits, torch.tensor([[0, -100, 1]]))
+    out.sum().backward()
+    expected = torch.tensor([[[0.5, -0.5], [0.0, 0.0], [-0.75, 0.75]]], dtype=torch.float64)
+    assert logits.grad.dtype == torch.float64
+    torch.testing.assert_close(logits.grad, expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_logits_are_computed_in_float32(dtype):
+    logits = hand_logits().to(dtype)
+    out = sequence_logps(logits, torch.tensor([[0, 0, 1]]))
+    assert out.dtype == torch.float32
+    expected = sequence_logps(logits.float(), torch.tensor([[0, 0, 1]]))  # same rounded logits, fp32 math
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

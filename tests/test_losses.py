@@ -2,10 +2,11 @@
 
 import math
 
+import mpmath
 import pytest
 import torch
 
-from alignment.losses import dpo_loss, orpo_loss
+from alignment.losses import dpo_loss, log1mexp, orpo_loss
 
 LN2 = 0.6931471805599453
 # ln(1 + e^-1) = -log sigmoid(1)
@@ -196,3 +197,90 @@ def test_orpo_shapes_and_detached_outputs():
     assert or_losses.requires_grad
     assert not chosen_rewards.requires_grad
     assert not rejected_rewards.requires_grad
+
+
+# --- ORPO's log(1 - p) as mean logp -> 0, against 50-digit references --------------------------------------------
+
+mpmath.mp.dps = 50
+NEAR_ZERO = [-1e-2, -1e-4, -1e-6, -1e-8, -1e-10]
+MODERATE = [-0.5, -0.6931, -0.6932, -1.0, -5.0, -30.0]
+TOLERANCE = {torch.float32: 2e-6, torch.float64: 1e-13}  # relative: a few units in the last place
+
+
+def exact(x: torch.Tensor) -> mpmath.mpf:
+    return mpmath.mpf(x.item())  # the value the tensor holds, not the decimal it was written from
+
+
+def exact_log1mexp(x: mpmath.mpf) -> tuple[mpmath.mpf, mpmath.mpf]:
+    """log(1 - e^x) and its derivative -e^x / (1 - e^x)."""
+    return mpmath.log(1 - mpmath.exp(x)), -mpmath.exp(x) / (1 - mpmath.exp(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", NEAR_ZERO + MODERATE)
+def test_log1mexp_value_and_gradient(value, dtype):
+    x = torch.tensor(value, dtype=dtype, requires_grad=True)
+    out = log1mexp(x)
+    out.backward()
+    expected, expected_grad = exact_log1mexp(exact(x))
+    assert out.dtype == dtype
+    assert out.item() == pytest.approx(float(expected), rel=TOLERANCE[dtype], abs=0)
+    assert x.grad.item() == pytest.approx(float(expected_grad), rel=TOLERANCE[dtype], abs=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chosen", NEAR_ZERO + MODERATE)
+def test_orpo_log_odds_and_gradients_near_zero(chosen, dtype):
+    """log odds(c) - log odds(r) and d or_loss / d(c, r) against exact values, the rejected answer at mean logp -1.
+
+    d/dc [-beta log sigmoid(z)] = -beta sigmoid(-z) / (1 - e^c); d/dr = +beta sigmoid(-z) / (1 - e^r)."""
+    beta = 0.1
+    c = torch.tensor([chosen], dtype=dtype, requires_grad=True)
+    r = torch.tensor([-1.0], dtype=dtype, requires_grad=True)
+    or_losses, _, _, _, log_odds_chosen = orpo_loss(c, r, beta=beta)
+    or_losses.sum().backward()
+    ec, er = exact(c), exact(r)
+    z = (ec - mpmath.log(1 - mpmath.exp(ec))) - (er - mpmath.log(1 - mpmath.exp(er)))
+    sig = 1 / (1 + mpmath.exp(z))  # sigmoid(-z)
+    rel = TOLERANCE[dtype]
+    assert log_odds_chosen.item() == pytest.approx(float(z), rel=rel, abs=0)
+    assert or_losses.item() == pytest.approx(float(-beta * mpmath.log(1 - sig)), rel=10 * rel, abs=0)
+    assert c.grad.item() == pytest.approx(float(-beta * sig / (1 - mpmath.exp(ec))), rel=10 * rel, abs=0)
+    assert r.grad.item() == pytest.approx(float(beta * sig / (1 - mpmath.exp(er))), rel=10 * rel, abs=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log1mexp_at_zero_is_finite_with_zero_gradient(dtype):
+    """x = 0 (a mean logp that rounds to 0), and subnormal x, read as x = -tiny: value log(tiny), no gradient."""
+    x = torch.tensor([0.0, -0.0, -1e-310 if dtype == torch.float64 else -1e-40], dtype=dtype, requires_grad=True)
+    out = log1mexp(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, torch.full_like(out, math.log(torch.finfo(dtype).tiny)), rtol=1e-6, atol=0)
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_nan_gradient_from_the_branch_not_taken(dtype):
+    """Both branches are evaluated for every element; each on an input it can take, so no inf * 0 = NaN."""
+    x = torch.tensor([0.0, -1e-30, -1e-8, -math.log(2), -0.7, -100.0, -1e4, -math.inf], dtype=dtype)
+    x.requires_grad_()
+    out = log1mexp(x)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all(), x.grad
+    assert out[-1].item() == 0.0 and x.grad[-1].item() == 0.0  # p = 0: log 1, flat
+
+
+def test_orpo_at_mean_logp_zero_is_finite_and_pushes_the_rejected_answer_down():
+    """rejected mean logp 0 (p rounds to 1): log odds(rejected) = 0 - log(tiny) = 87.34 in float32; or_loss =
+    -beta log sigmoid(z) ~ beta * 87.88 and d or_loss / dr = beta * sigmoid(-z) * 1 ~ beta (the log p term only)."""
+    beta = 0.1
+    c = torch.tensor([-1.0], requires_grad=True)
+    r = torch.tensor([0.0], requires_grad=True)
+    or_losses, *_, log_odds_chosen = orpo_loss(c, r, beta=beta)
+    or_losses.sum().backward()
+    log_odds_c = -1.0 - math.log(1 - math.exp(-1.0))  # -0.5413
+    z = log_odds_c - (0.0 - math.log(torch.finfo(torch.float32).tiny))
+    assert log_odds_chosen.item() == pytest.approx(z, rel=1e-6)
+    assert or_losses.item() == pytest.approx(-beta * (z - math.log1p(math.exp(z))), rel=1e-6)
+    assert r.grad.item() == pytest.approx(beta, rel=1e-6)
+    assert torch.isfinite(c.grad).all() and c.grad.item() < 0
