@@ -6,7 +6,7 @@ import logging
 # falls back to its own; that warning would read as an error at the top of every run
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from alignment.cli import main  # noqa: E402
+from alignment.usage import main  # noqa: E402  (Lightning is imported only for fit and validate)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,32 @@
 """DPO and ORPO on LoRA adapters over 4-bit bases, with PyTorch Lightning."""
 
-from alignment.data import PreferenceBatch, PreferenceDataModule
-from alignment.modules import DPO, ORPO, PreferenceModule
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from alignment.data import PreferenceBatch, PreferenceDataModule
+    from alignment.modules import DPO, ORPO, PreferenceModule
+
+# imported on first use (PEP 562): `python cli.py --help` and the after-training verbs must not wait for torch
+_HOMES = {
+    "DPO": "alignment.modules",
+    "ORPO": "alignment.modules",
+    "PreferenceModule": "alignment.modules",
+    "PreferenceBatch": "alignment.data",
+    "PreferenceDataModule": "alignment.data",
+}
 __all__ = ["DPO", "ORPO", "PreferenceBatch", "PreferenceDataModule", "PreferenceModule"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'alignment' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value  # once imported, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

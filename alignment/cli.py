@@ -3,47 +3,31 @@
 from __future__ import annotations
 
 import logging
-import sys
-import warnings
 from pathlib import Path
 
 import yaml
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from alignment.callbacks import AdapterExport, RunCheckpoint
 from alignment.data import PreferenceDataModule
-from alignment.errors import USER_ERRORS
 from alignment.generations import SampleGenerations
 from alignment.model import resolve_base
 from alignment.modules import PreferenceModule
+from alignment.parser import AlignmentParser
 from alignment.resume import AtomicCheckpointIO, RunCSVLogger, checkpoint_step
-from alignment.verbs import run_verb
+from alignment.usage import CONFIG_DIR, TRAINING_VERBS, main, resolve_config_args, user_error
 
+__all__ = ["CONFIG_DIR", "AlignmentCLI", "main", "resolve_config_args", "run_cli", "user_error"]
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-def resolve_config_args(argv: list[str]) -> list[str]:
-    """`--config orpo_tinyllama.yaml` finds configs/orpo_tinyllama.yaml when no such file is in the cwd."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        value, prefix = None, ""
-        if arg == "--config" and i + 1 < len(out):
-            value, i = out[i + 1], i + 1
-        elif arg.startswith("--config="):
-            value, prefix = arg.split("=", 1)[1], "--config="
-        if value is None or Path(value).exists():
-            continue
-        for candidate in (Path("configs") / value, CONFIG_DIR / value, CONFIG_DIR / f"{value}.yaml"):
-            if candidate.is_file():
-                out[i] = prefix + str(candidate)
-                break
-    return out
 
 
 class AlignmentCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit and validate: the modules have no test or predict step."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in TRAINING_VERBS}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--wandb", type=bool, default=False, help="also log to Weights & Biases")
         parser.add_argument("--wandb_project", type=str, default="preference-alignment")
@@ -112,44 +96,11 @@ class AlignmentCLI(LightningCLI):
         return checkpoint_step(path) if path.is_file() else None
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    # deprecation notices raised inside peft and lightning themselves, on every run: nothing a user can act on
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    logging.getLogger("alignment").setLevel(logging.INFO)
-    if argv is None:  # from the shell: LightningCLI reads sys.argv itself
-        sys.argv[1:] = resolve_config_args(sys.argv[1:])
-    else:
-        argv = resolve_config_args(argv)
-    try:
-        if not run_verb(sys.argv[1:] if argv is None else argv):  # report, compare, sweep, merge
-            run_cli(argv)
-    except Exception as err:
-        cause = user_error(err)
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)  # the user's input, not a bug: no traceback
-        sys.exit(2)
-
-
-def user_error(err: BaseException) -> BaseException | None:
-    """The mistake in the user's data, model or settings behind `err`, if that is what it is.
-
-    jsonargparse wraps errors raised while building the model in its own ValueError, so follow the chain.
-    """
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, (*USER_ERRORS, MisconfigurationException)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def run_cli(argv: list[str] | None) -> AlignmentCLI:
     return AlignmentCLI(
         PreferenceModule,
         PreferenceDataModule,
+        parser_class=AlignmentParser,
         subclass_mode_model=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},

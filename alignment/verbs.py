@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
-VERBS = ("report", "compare", "sweep", "merge")
+VERB_HELP = {
+    "report": "plots of loss and rewards for one or more runs, and a summary",
+    "compare": "answers of the base and of each adapter to the same prompts, side by side",
+    "sweep": "fit every combination of a grid of settings, then tabulate the final rewards",
+    "merge": "write the base with the run's adapter merged, in Hugging Face format",
+}
+VERBS = tuple(VERB_HELP)
+
+
+class VerbParser(argparse.ArgumentParser):
+    """A mistake in the flags is one line and exit code 2; the full usage is for --help."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """A given --out that cannot be written fails before anything is loaded."""
+    from alignment.usage import check_writable
+
+    if args.out is not None:
+        check_writable(args.out, "--out")
 
 
 def _report(args: argparse.Namespace, extra: list[str]) -> None:
@@ -53,10 +76,10 @@ def _merge(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cli.py", description="After training: report, compare, sweep, merge.")
+    parser = VerbParser(prog="cli.py", description="After training: report, compare, sweep, merge.")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    report = verbs.add_parser("report", help="plots of loss and rewards for one or more runs, and a summary")
+    report = verbs.add_parser("report", help=VERB_HELP["report"])
     report.add_argument("runs", nargs="+", help="run directories (each holds metrics.csv)")
     report.add_argument("--out", help="output directory (default: report/ beside the first run)")
     report.set_defaults(action=_report)
@@ -65,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = verbs.add_parser(
         "sweep",
-        help="fit every combination of a grid of settings, then tabulate the final rewards",
+        help=VERB_HELP["sweep"],
         description="Any other flag (e.g. --trainer.limit_train_batches 10) is passed to every `fit`.",
         allow_abbrev=False,  # an unknown fit flag must never be taken for an abbreviation of one of ours
     )
@@ -75,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="sweep directory (default: runs/<config name>-sweep)")
     sweep.set_defaults(action=_sweep)
 
-    merge = verbs.add_parser("merge", help="write the base with the run's adapter merged, in Hugging Face format")
+    merge = verbs.add_parser("merge", help=VERB_HELP["merge"])
     merge.add_argument("run", help="run directory (or an adapter directory)")
     merge.add_argument("--out", required=True, help="output directory for the merged model and its tokenizer")
     merge.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
@@ -88,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_compare(verbs) -> None:
     compare = verbs.add_parser(
         "compare",
-        help="answers of the base and of each adapter to the same prompts, side by side",
+        help=VERB_HELP["compare"],
         description="Writes compare.md, compare.html and compare.jsonl: one row per prompt, one column per model, "
         "with each answer's repetition score and length, and their averages per model.",
     )
@@ -124,6 +147,7 @@ def run_verb(argv: list[str]) -> bool:
         args, extra = parser.parse_known_args(argv)
     else:
         args, extra = parser.parse_args(argv), []
+    _check_out(args)
     action: Callable[[argparse.Namespace, list[str]], None] = args.action
     action(args, extra)
     return True
