@@ -20,7 +20,7 @@ TRAINING_VERBS = {
     "fit": "train a DPO or ORPO adapter (python cli.py fit --config demo.yaml)",
     "validate": "one pass over the validation set, with the metrics of fit",
 }
-NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+ACCESS_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,8 +116,8 @@ def user_error(err: BaseException) -> BaseException | None:
     while seen is not None:
         if isinstance(seen, (*USER_ERRORS, *_lightning_errors())):
             return seen
-        if isinstance(seen, OSError) and seen.errno in NOT_WRITABLE and seen.filename:
-            return ConfigError(f"cannot write {seen.filename}: {seen.strerror}")
+        if isinstance(seen, OSError) and seen.errno in ACCESS_REFUSED and seen.filename:
+            return ConfigError(f"{seen.filename}: {seen.strerror}")  # a path the user gave, or the cwd
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -126,4 +126,3 @@ def _lightning_errors() -> tuple[type[BaseException], ...]:
     """Lightning's MisconfigurationException, when Lightning is loaded (no instance can exist before)."""
     module = sys.modules.get("lightning.fabric.utilities.exceptions")
     return (module.MisconfigurationException,) if module else ()
-

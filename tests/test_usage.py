@@ -69,14 +69,22 @@ def test_help_imports_neither_torch_nor_lightning(args):
     assert not {"torch", "lightning", "transformers", "peft"} & imported
 
 
+COLUMNS = """a mapping of field (prompt, chosen, rejected, system) to the data's column, e.g. --data.columns \
+'{"prompt": "question"}'"""
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--trainer.accumulate_grad_batches", "0"], "error: --trainer.accumulate_grad_batches must be at least 1, got 0"),
-        (["--data.columns", "prompt=question"], """error: --data.columns: expected a mapping of field (prompt, chosen, \
-rejected, system) to the data's column, e.g. --data.columns '{"prompt": "question"}'; got prompt=question"""),
-        (["--data.columns", '{"promt": "question"}'], """error: --data.columns: unknown field 'promt'; expected a \
-mapping of field (prompt, chosen, rejected, system) to the data's column, e.g. --data.columns '{"prompt": "question"}'"""),
+        (
+            ["--trainer.accumulate_grad_batches", "0"],
+            "error: --trainer.accumulate_grad_batches must be at least 1, got 0",
+        ),
+        (["--data.columns", "prompt=question"], f"error: --data.columns: expected {COLUMNS}; got prompt=question"),
+        (
+            ["--data.columns", '{"promt": "question"}'],
+            f"error: --data.columns: unknown field 'promt'; expected {COLUMNS}",
+        ),
         (["--trainer.max_epochs", "abc"], "error: --trainer.max_epochs: expected one of [int, None], got abc"),
         (["--model.beta", "abc"], "error: --model.beta: expected a float. Got value: abc"),
         (["--trainer.bogus", "1"], "error: unrecognized arguments: --trainer.bogus 1 (see python cli.py fit --help)"),
@@ -166,7 +174,8 @@ def read_only_prefix() -> tuple[str, ...] | None:
         return ()
     if shutil.which("unshare") is None:
         return None
-    prefix = ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"')
+    mount = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+    prefix = ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount)
     probe = subprocess.run([*prefix, "/tmp", "true"], capture_output=True)
     return prefix if probe.returncode == 0 else None
 
