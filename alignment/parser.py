@@ -22,6 +22,7 @@ COLUMNS_HINT = (
     f"expected a mapping of field ({', '.join(FIELDS)}) to the data's column, "
     """e.g. --data.columns '{"prompt": "question"}'"""
 )
+KEY = r'Parser key "([^"]+)":'  # how jsonargparse starts the report of a bad value
 WANDB_OFFLINE_MODES = ("offline", "dryrun", "disabled")
 
 
@@ -45,7 +46,7 @@ class AlignmentParser(LightningArgumentParser):
 
 def one_line(message: str, prog: str) -> str:
     """jsonargparse's multi-line report of a bad value, as `--flag: what is wrong, got what`."""
-    keys = re.findall(r'Parser key "([^"]+)":', message)
+    keys = re.findall(KEY, message)
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     if not keys:  # unknown or missing arguments: the flags are in the message
         return f"{' '.join(lines)} (see python {prog.replace(' [options]', '')} --help)"
@@ -61,7 +62,7 @@ def one_line(message: str, prog: str) -> str:
     subtypes = re.search(r"^\s*Subtypes: \[(.*)\]$", message, re.M)
     if subtypes and given:
         return f"{flag}: expected one of [{_plain(subtypes.group(1))}], got {given.group(1)}"
-    return f"{flag}: {_plain(' '.join(lines[1:]))}"
+    return f"{flag}: {_plain(' '.join(re.sub(KEY, '', message).split()))}"
 
 
 def _plain(text: str) -> str:
