@@ -321,8 +321,9 @@ class DPO(PreferenceModule):
             with torch.no_grad(), self.policy.disable_adapter():
                 return self.sequence_logps(batch, average=average)
         index = batch.index.cpu()
-        if not filled(table[index]).all():  # rows the pass left out: computed here, once, as the pass does
-            self._compute_rows(split, index[~filled(table[index])])
+        missing = ~filled(table[index])
+        if missing.any():  # rows the pass left out: computed here, once, as the pass computes them
+            self._compute_rows(split, index[missing])
         rows = table[index].to(self.device)  # (B, 4)
         chosen, rejected, chosen_tokens, rejected_tokens = rows.unbind(1)
         if average:  # as sequence_logps(average=True) divides

@@ -315,7 +315,7 @@ def reference_tables(
         missing[split] = [i for i in wanted if not held[i]]
     tables = tables or {s: torch.full((len(p), len(COLUMNS)), float("nan")) for s, p in splits.items()}
     if not any(missing.values()):
-        log.info("reference log-probs: all the rows this run reads are in the cache; no reference forward here")
+        log.info("reference log-probs: the rows this run needs are in the cache; no reference pass")
         return key, tables
     stopped = _fill(trainer, splits, missing, tables, logps_fn, batch_size)
     if trainer.is_global_zero:
@@ -331,10 +331,10 @@ def reference_tables(
 
 def _read_entry(cache: ReferenceCache, key: str, identity: dict, digests: dict, splits: dict) -> Tables | None:
     sizes = {s: len(p) for s, p in splits.items()}
-    tables = cache.load(key, sizes)
-    if tables is None:  # an entry of the first format, complete, under its own key
-        old = fingerprint({**identity, "format": 1, "pairs": digests})
-        tables = cache.load(old, sizes, quiet=True) if cache.path(old).exists() else None
+    old = fingerprint({**identity, "format": 1, "pairs": digests})  # an entry of the first format: complete
+    tables = cache.load(key, sizes, quiet=cache.path(old).exists())
+    if tables is None and cache.path(old).exists():
+        tables = cache.load(old, sizes)
     if tables is not None:
         done, total = sum(int(filled(t).sum()) for t in tables.values()), sum(sizes.values())
         log.info("reference log-probs: %d of %d rows loaded from %s", done, total, cache.directory)

@@ -157,7 +157,9 @@ def overview_figure(curves: list[Curves]):
 
     groups = method_groups(curves)
     shape = (2, 3) if len(groups) == 1 else (len(groups), len(PLOTTED) + 1)
-    fig, axes = plt.subplots(*shape, figsize=(5 * shape[1], 4 * shape[0]), squeeze=False)
+    widths = [1.0] * shape[1] if len(groups) == 1 else [1.0] * len(PLOTTED) + [0.5]  # a narrow legend column
+    fig, axes = plt.subplots(*shape, figsize=(sum(widths) * 5, 4 * shape[0]), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})  # fmt: skip
     rows = [axes.flat] if len(groups) == 1 else list(axes)
     for panels, members in zip(rows, groups.values(), strict=True):
         panels = list(panels)
