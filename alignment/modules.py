@@ -24,8 +24,9 @@ from alignment.reference import (
     ReferencePassStopped,
     Tables,
     filled,
-    pairs_read_by_steps,
     reference_tables,
+    save_added_rows,
+    train_pairs_read,
     weights_identity,
 )
 from alignment.resume import check_resume, rng_states, run_identity, set_rng_state
@@ -364,7 +365,7 @@ class DPO(PreferenceModule):
         splits = {"train": datamodule.train_set.pairs}
         if datamodule.val_set is not None:
             splits["validation"] = datamodule.val_set.pairs
-        train = self._train_pairs_read(datamodule)
+        train = train_pairs_read(self.trainer, datamodule.train_dataloader().batch_sampler)
         # a short run: the pairs its steps read; validation rows as validation reads them (it may never run)
         needed = {"train": train, "validation": None if train is None else []}
         try:
@@ -384,46 +385,17 @@ class DPO(PreferenceModule):
                             "a rerun continues from them", stop.signal_name)  # fmt: skip
             raise SystemExit(stop.exit_code) from None
 
-    def _train_pairs_read(self, datamodule: PreferenceDataModule) -> list[int] | None:
-        """Positions of the training pairs this run's steps read (None: half of them or more)."""
-        trainer = self.trainer
-        sampler = datamodule.train_dataloader().batch_sampler  # the order the steps will see: seed and epoch only
-
-        def global_batches(epoch: int) -> list[list[int]]:
-            sampler.set_epoch(epoch)
-            return sampler.global_batches()
-
-        limit = trainer.limit_train_batches
-        per_epoch = len(sampler) if limit is None else min(len(sampler), limit) if isinstance(limit, int) \
-            else max(1, int(len(sampler) * limit))  # fmt: skip
-        return pairs_read_by_steps(global_batches, len(datamodule.train_set), max_steps=trainer.max_steps,
-                                   max_epochs=trainer.max_epochs, accumulate=trainer.accumulate_grad_batches,
-                                   batches_per_epoch=per_epoch)  # fmt: skip
-
     def on_fit_end(self) -> None:
         self._save_rows_added()
         self._reference = {}  # a later validate() may read other data
 
     def _save_rows_added(self) -> None:
-        """Write the rows computed during the steps into the cache entry (gathered from every process)."""
-        if not self._reference or self._reference_key is None:
-            return
-        added = {s: torch.cat(p) for s, p in self._rows_added.items()}
-        shares = [{s: (p, self._reference[s][p]) for s, p in added.items()}]
-        if self.trainer.world_size > 1:
-            shares = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(shares, {s: (p, self._reference[s][p]) for s, p in added.items()})
-            for share in shares:
-                for split, (positions, rows) in share.items():
-                    self._reference[split][positions] = rows
+        """Write the rows computed during the steps into the cache entry."""
+        if self._reference and self._reference_key is not None:
+            added = {s: torch.cat(p) for s, p in self._rows_added.items()}
+            save_added_rows(self.trainer, ReferenceCache(self.hparams.reference_cache_dir), self._reference_key,
+                            self._reference, added, meta=self._reference_identity())  # fmt: skip
         self._rows_added = {}
-        if self.trainer.is_global_zero and any(share for share in shares):
-            try:
-                ReferenceCache(self.hparams.reference_cache_dir).save(
-                    self._reference_key, self._reference, meta=self._reference_identity()
-                )
-            except OSError as err:
-                log.warning("reference log-probs: cannot write the cache entry: %s", err)
 
     def _reference_identity(self) -> dict:
         """What, besides the token ids, changes the reference log-probs."""

@@ -216,6 +216,22 @@ def pairs_read_by_steps(
     return list(seen)
 
 
+def train_pairs_read(trainer, sampler) -> list[int] | None:
+    """Positions of the training pairs the trainer's steps will read from `sampler` (PairBatchSampler, whose order
+    depends on its seed and the epoch only); None when that is half of them or more."""
+
+    def global_batches(epoch: int) -> list[list[int]]:
+        sampler.set_epoch(epoch)
+        return sampler.global_batches()
+
+    limit = trainer.limit_train_batches  # as Lightning reads it: a count, or a share of the epoch
+    per_epoch = len(sampler) if limit is None else min(len(sampler), limit) if isinstance(limit, int) \
+        else max(1, int(len(sampler) * limit))  # fmt: skip
+    return pairs_read_by_steps(global_batches, len(sampler.lengths), max_steps=trainer.max_steps,
+                               max_epochs=trainer.max_epochs, accumulate=trainer.accumulate_grad_batches,
+                               batches_per_epoch=per_epoch)  # fmt: skip
+
+
 # ---- computing -------------------------------------------------------------------------------------------------
 
 
@@ -369,3 +385,20 @@ def _fill(trainer, splits, missing: dict[str, list[int]], tables: Tables, logps_
             for positions, rows in shares:
                 tables[split][positions] = rows
         return (received() or "SIGTERM") if any(stops) else None
+
+
+def save_added_rows(trainer, cache: ReferenceCache, key: str, tables: Tables, added: dict[str, Tensor], meta: dict):
+    """Write rows computed after the pass (`added`: positions per split, their values in `tables`) into the entry:
+    gathered from every process (each computed those of its own batches), written by the global-zero one."""
+    shares = [{s: (p, tables[s][p]) for s, p in added.items()}]
+    if trainer.world_size > 1:
+        shares = [None] * trainer.world_size
+        torch.distributed.all_gather_object(shares, {s: (p, tables[s][p]) for s, p in added.items()})
+        for share in shares:
+            for split, (positions, rows) in share.items():
+                tables[split][positions] = rows
+    if trainer.is_global_zero and any(shares):
+        try:
+            cache.save(key, tables, meta=meta)
+        except OSError as err:  # the next run computes them again
+            log.warning("reference log-probs: cannot write the cache entry in %s: %s", cache.directory, err)
