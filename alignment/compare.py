@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +22,7 @@ from alignment.encoding import prompt_ids
 from alignment.errors import ConfigError, DataError
 from alignment.rows import PreferenceRow, _read_records
 from alignment.rundir import adapter_dir, base_of, run_of_adapter
-from alignment.tables import html_table, markdown_table
+from alignment.tables import html_table, markdown_table, visible
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,13 @@ class DecodeOptions:
     temperature: float = 0.7
     top_p: float = 0.9
     repetition_penalty: float = 1.0  # 1.0: none
+
+    def applied(self) -> dict[str, Any]:
+        """The settings that shaped the answers: temperature and top-p only when sampling."""
+        settings = asdict(self)
+        if not self.do_sample:
+            del settings["temperature"], settings["top_p"]
+        return settings
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.max_new_tokens < 1:
@@ -298,7 +305,7 @@ def run_compare(
                            ngram=ngram, seed=seed)  # fmt: skip
     target = Path(out) if out is not None else (run.path.parent if run else Path.cwd()) / "compare"
     settings = {"base": base, "4-bit": in_4bit, "chat template": use_chat, "repetition n-gram": ngram,
-                **{f"adapter {n}": str(p) for n, p in named}, **asdict(decode)}  # fmt: skip
+                **{f"adapter {n}": str(p) for n, p in named}, **decode.applied()}  # fmt: skip
     write_comparison(target, rows, answers, settings)
     return target
 
@@ -306,19 +313,26 @@ def run_compare(
 # ---- output ------------------------------------------------------------------------------------------------------
 
 
-def _show_prompt(prompt: Prompt, system: str | None) -> str:
-    text = prompt if isinstance(prompt, str) else "\n".join(f"{m.get('role', '?')}: {m['content']}" for m in prompt)
-    return f"system: {system}\n{text}" if system else text
+def _show_prompt(prompt: Prompt, system: str | None, show: Callable[[str], str]) -> str:
+    if isinstance(prompt, str):
+        text = show(prompt)
+    else:
+        text = "\n".join(f"{m.get('role', '?')}: {show(m['content'])}" for m in prompt)
+    return f"system: {show(system)}\n{text}" if system else text
 
 
 def comparison_rows(
-    prompts: list[tuple[Prompt, str | None]], answers: dict[str, list[Answer]]
+    prompts: list[tuple[Prompt, str | None]], answers: dict[str, list[Answer]], show: Callable[[str], str] = str
 ) -> list[list[str | int]]:
-    """One row per prompt (#, prompt, one answer per model), then one row of averages per model."""
+    """One row per prompt (#, prompt, one answer per model), then one row of averages per model.
+
+    `show` renders the prompts' and answers' own text (`visible` for markdown); the line breaks between a cell's
+    parts stay line breaks."""
     rows: list[list[str | int]] = []
     for i, (prompt, system) in enumerate(prompts):
-        cells = [f"{a[i].text}\n\n(repetition {a[i].repetition:.2f}, {a[i].tokens} tokens)" for a in answers.values()]
-        rows.append([i + 1, _show_prompt(prompt, system), *cells])
+        cells = [f"{show(a[i].text)}\n\n(repetition {a[i].repetition:.2f}, {a[i].tokens} tokens)"
+                 for a in answers.values()]  # fmt: skip
+        rows.append([i + 1, _show_prompt(prompt, system, show), *cells])
     means = [
         f"repetition {sum(a.repetition for a in found) / len(found):.3f}, "
         f"{sum(a.tokens for a in found) / len(found):.1f} tokens"
@@ -333,14 +347,15 @@ def write_comparison(
 ) -> None:
     target.mkdir(parents=True, exist_ok=True)
     header = ["#", "prompt", *answers]
-    rows = comparison_rows(prompts, answers)
     about = "\n".join(f"- {key}: {value}" for key, value in settings.items())
     note = ("Repetition: share of the answer's token n-grams that repeat an earlier one (0: none, near 1: a loop). "
             "Tokens: generated tokens before the end of sequence.")  # fmt: skip
     (target / "compare.md").write_text(
-        f"# Answers side by side\n\n{about}\n\n{note}\n\n" + markdown_table(header, rows)
+        f"# Answers side by side\n\n{about}\n\n{note}\n\n"
+        + markdown_table(header, comparison_rows(prompts, answers, visible))
     )
-    (target / "compare.html").write_text(html_table(header, rows, title="Answers side by side", footer=1))
+    page = html_table(header, comparison_rows(prompts, answers), title="Answers side by side", footer=1)
+    (target / "compare.html").write_text(page)
     with open(target / "compare.jsonl", "w", encoding="utf-8") as f:
         for i, (prompt, system) in enumerate(prompts):
             record = {"prompt": prompt, "system": system, "answers": {m: asdict(a[i]) for m, a in answers.items()}}

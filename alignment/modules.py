@@ -19,7 +19,16 @@ from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.losses import DPOLossType, dpo_loss, orpo_loss
 from alignment.metrics import MeanTracker
 from alignment.model import TINY, add_lora, load_base, resolve_base
-from alignment.reference import Tables, reference_tables, weights_identity
+from alignment.reference import (
+    ReferenceCache,
+    ReferencePassStopped,
+    Tables,
+    filled,
+    reference_tables,
+    save_added_rows,
+    train_pairs_read,
+    weights_identity,
+)
 from alignment.resume import check_resume, rng_states, run_identity, set_rng_state
 
 Split = Literal["train", "validation"]
@@ -300,6 +309,8 @@ class DPO(PreferenceModule):
         _check(0 <= label_smoothing < 0.5, f"--model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records these too
         self._reference: Tables = {}  # split -> (N, 4) cached reference log-probs, filled in on_fit_start
+        self._reference_key: str | None = None  # the cache entry they belong to
+        self._rows_added: dict[str, list[Tensor]] = {}  # split -> positions computed in the steps, to write back
 
     def reference_logps(
         self, batch: PreferenceBatch, *, average: bool, split: Split = "train"
@@ -310,11 +321,22 @@ class DPO(PreferenceModule):
         if table is None:
             with torch.no_grad(), self.policy.disable_adapter():
                 return self.sequence_logps(batch, average=average)
-        rows = table[batch.index.cpu()].to(self.device)  # (B, 4)
+        index = batch.index.cpu()
+        missing = ~filled(table[index])
+        if missing.any():  # rows the pass left out: computed here, once, as the pass computes them
+            self._compute_rows(split, index[missing])
+        rows = table[index].to(self.device)  # (B, 4)
         chosen, rejected, chosen_tokens, rejected_tokens = rows.unbind(1)
         if average:  # as sequence_logps(average=True) divides
             return chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
         return chosen, rejected
+
+    def _compute_rows(self, split: Split, positions: Tensor) -> None:
+        datamodule = self.trainer.datamodule
+        dataset = datamodule.train_set if split == "train" else datamodule.val_set
+        values = self._reference_pass([dataset.pairs[i] for i in positions.tolist()], collate=datamodule.collate)
+        self._reference[split][positions] = torch.stack([t.float().cpu() for t in values], dim=1)
+        self._rows_added.setdefault(split, []).append(positions)
 
     def compute_loss(self, batch: PreferenceBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
         hp = self.hparams
@@ -333,7 +355,7 @@ class DPO(PreferenceModule):
         return losses.mean(), metrics
 
     def on_fit_start(self) -> None:
-        self._reference = {}
+        self._reference, self._rows_added = {}, {}
         datamodule = self.trainer.datamodule
         if not self.hparams.reference_cache:
             return
@@ -343,18 +365,37 @@ class DPO(PreferenceModule):
         splits = {"train": datamodule.train_set.pairs}
         if datamodule.val_set is not None:
             splits["validation"] = datamodule.val_set.pairs
-        self._reference = reference_tables(
-            self.trainer,
-            splits,
-            partial(self._reference_pass, collate=datamodule.collate),
-            identity=self._reference_identity(),
-            digests={split: datamodule.digest(split) for split in splits},
-            cache_dir=self.hparams.reference_cache_dir,
-            batch_size=datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size,
-        )
+        train = train_pairs_read(self.trainer, datamodule.train_dataloader().batch_sampler)
+        # a short run: the pairs its steps read; validation rows as validation reads them (it may never run)
+        needed = {"train": train, "validation": None if train is None else []}
+        try:
+            self._reference_key, self._reference = reference_tables(
+                self.trainer,
+                splits,
+                partial(self._reference_pass, collate=datamodule.collate),
+                identity=self._reference_identity(),
+                digests={split: datamodule.digest(split) for split in splits},
+                cache_dir=self.hparams.reference_cache_dir,
+                batch_size=datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size,
+                needed=needed,
+            )
+        except ReferencePassStopped as stop:
+            if self.trainer.is_global_zero:
+                log.warning("stopped by %s during the reference pass; the rows computed are kept in the cache and "
+                            "a rerun continues from them", stop.signal_name)  # fmt: skip
+            raise SystemExit(stop.exit_code) from None
 
     def on_fit_end(self) -> None:
+        self._save_rows_added()
         self._reference = {}  # a later validate() may read other data
+
+    def _save_rows_added(self) -> None:
+        """Write the rows computed during the steps into the cache entry."""
+        if self._reference and self._reference_key is not None:
+            added = {s: torch.cat(p) for s, p in self._rows_added.items()}
+            save_added_rows(self.trainer, ReferenceCache(self.hparams.reference_cache_dir), self._reference_key,
+                            self._reference, added, meta=self._reference_identity())  # fmt: skip
+        self._rows_added = {}
 
     def _reference_identity(self) -> dict:
         """What, besides the token ids, changes the reference log-probs."""

@@ -17,6 +17,18 @@ log = logging.getLogger(__name__)
 
 PLOTTED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 OVERVIEW = "curves.png"
+# what each plotted metric measures, per method: DPO's rewards are beta * (policy - reference) of summed log-probs
+# (Rafailov et al. 2023, sec. 5), ORPO's beta * the policy's mean log-prob, as TRL logs them; ORPO's loss holds
+# the chosen answer's NLL (Hong et al. 2024, eq. 6), so it sits far above DPO's (ln 2 at the start)
+AXIS_LABELS = {
+    "DPO": {"loss": "DPO loss", "rewards/chosen": "β·(log π − log π_ref), summed",
+            "rewards/rejected": "β·(log π − log π_ref), summed", "rewards/margins": "chosen − rejected reward"},
+    "ORPO": {"loss": "NLL + β·L_OR", "rewards/chosen": "β·mean log π", "rewards/rejected": "β·mean log π",
+             "rewards/margins": "chosen − rejected reward"},
+}  # fmt: skip
+GENERIC_LABELS = {"loss": "loss", "rewards/chosen": "reward", "rewards/rejected": "reward",
+                  "rewards/margins": "reward margin",
+                  "rewards/accuracies": "share of pairs, chosen > rejected"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,7 @@ class Curves:
     label: str
     train: pd.DataFrame  # columns: the metric names without the "train/" prefix
     val: pd.DataFrame  # the same without "val/"
+    method: str = ""  # the module's class name (DPO, ORPO), "" when the run has no config
 
     def final(self, split: str, metric: str) -> float:
         """The last value logged for `split/metric`, NaN when it was never logged."""
@@ -37,8 +50,11 @@ class Curves:
 
 
 def read_curves(run: RunDir, label: str | None = None) -> Curves:
-    """Train and validation rows of RUN/metrics.csv.
+    """Train and validation rows of RUN/metrics.csv, both indexed by the number of optimizer steps done.
 
+    A train row at step k is the mean over the steps up to the k-th. Lightning runs validation after the k-th step
+    but logs it with its count of steps before adding that step (`_batches_that_stepped`, raised after the
+    validation loop in `_TrainingEpochLoop.on_advance_end`): a validation row logged at step k - 1 is moved to k.
     A step logged twice (a run resumed from a checkpoint before its last log) keeps its latest row.
     """
     if not run.metrics.is_file():
@@ -49,7 +65,10 @@ def read_curves(run: RunDir, label: str | None = None) -> Curves:
         raise DataError(f"{run.metrics}: not a readable CSV file: {err}") from err
     if "step" not in table:
         raise DataError(f"{run.metrics}: no 'step' column; is it a Lightning CSVLogger file?")
-    return Curves(label or run.name, _split_rows(table, "train"), _split_rows(table, "val"))
+    val = _split_rows(table, "val")
+    val.index = val.index + 1
+    class_path = str((run.config().get("model") or {}).get("class_path") or "")
+    return Curves(label or run.name, _split_rows(table, "train"), val, class_path.rsplit(".", 1)[-1])
 
 
 def _split_rows(table: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -71,9 +90,25 @@ def run_labels(runs: list[RunDir]) -> list[str]:
 # ---- plots ----------------------------------------------------------------------------------------------------
 
 
-def _draw(ax, curves: list[Curves], metric: str) -> None:
-    """Train as a line, validation as markers of the same colour, one colour per run."""
+def method_groups(curves: list[Curves]) -> dict[str, list[int]]:
+    """The runs' positions per method, in order of first appearance: runs of one method share a panel, runs of
+    different methods do not (their losses and rewards measure different things, on different scales)."""
+    groups: dict[str, list[int]] = {}
     for i, run in enumerate(curves):
+        groups.setdefault(run.method, []).append(i)
+    return groups
+
+
+def axis_label(method: str, metric: str) -> str:
+    return AXIS_LABELS.get(method, {}).get(metric, GENERIC_LABELS.get(metric, metric))
+
+
+def _draw(ax, curves: list[Curves], metric: str, colors: list[int] | None = None) -> None:
+    """Train as a line, validation as markers of the same colour, one colour per run (`colors`: each run's colour
+    number, so that a run keeps its colour in every panel)."""
+    colors = colors if colors is not None else list(range(len(curves)))
+    methods = {run.method for run in curves}
+    for i, run in zip(colors, curves, strict=True):
         color = f"C{i % 10}"
         if metric in run.train and run.train[metric].notna().any():
             values = run.train[metric].dropna()
@@ -82,42 +117,64 @@ def _draw(ax, curves: list[Curves], metric: str) -> None:
             values = run.val[metric].dropna()
             ax.plot(values.index, values.to_numpy(), color=color, linestyle="none", marker="o",
                     markersize=6, markeredgecolor="black", label=f"{run.label} val")  # fmt: skip
-    ax.set_title(metric)
-    ax.set_xlabel("step")
+    method = methods.pop() if len(methods) == 1 else ""
+    ax.set_title(f"{metric} ({method})" if method else metric)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(axis_label(method, metric))
     ax.grid(alpha=0.3)
 
 
-def plot_metric(curves: list[Curves], metric: str, out: Path) -> Path:
+def metric_figure(curves: list[Curves], metric: str):
+    """One panel per method, side by side, each with its own y axis."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    _draw(ax, curves, metric)
-    if ax.has_data():
-        ax.legend(fontsize="small")
-    path = out / f"{metric.replace('/', '_')}.png"
+    groups = method_groups(curves)
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.5), squeeze=False)
+    for ax, members in zip(axes[0], groups.values(), strict=True):
+        _draw(ax, [curves[i] for i in members], metric, members)
+        if ax.has_data():
+            ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_metric(curves: list[Curves], metric: str, out: Path) -> Path:
+    return _save(metric_figure(curves, metric), out / f"{metric.replace('/', '_')}.png", dpi=110)
+
+
+def _save(fig, path: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def overview_figure(curves: list[Curves]):
+    """All plotted metrics on one figure: for one method 2 x 3 panels, the sixth holding the legend; for several
+    one row per method, its legend in the row's last panel."""
+    import matplotlib.pyplot as plt
+
+    groups = method_groups(curves)
+    shape = (2, 3) if len(groups) == 1 else (len(groups), len(PLOTTED) + 1)
+    widths = [1.0] * shape[1] if len(groups) == 1 else [1.0] * len(PLOTTED) + [0.5]  # a narrow legend column
+    fig, axes = plt.subplots(*shape, figsize=(sum(widths) * 5, 4 * shape[0]), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})  # fmt: skip
+    rows = [axes.flat] if len(groups) == 1 else list(axes)
+    for panels, members in zip(rows, groups.values(), strict=True):
+        panels = list(panels)
+        for ax, metric in zip(panels, PLOTTED, strict=False):
+            _draw(ax, [curves[i] for i in members], metric, members)
+        panels[-1].axis("off")
+        handles, labels = panels[0].get_legend_handles_labels()
+        if handles:
+            panels[-1].legend(handles, labels, loc="center", fontsize="medium")
+    fig.tight_layout()
+    return fig
 
 
 def plot_overview(curves: list[Curves], out: Path) -> Path:
-    """All plotted metrics on one figure (2 x 3), with one shared legend in the sixth panel."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for ax, metric in zip(axes.flat, PLOTTED, strict=False):
-        _draw(ax, curves, metric)
-    legend_ax = axes.flat[-1]
-    legend_ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        legend_ax.legend(handles, labels, loc="center", fontsize="medium")
-    fig.tight_layout()
-    path = out / OVERVIEW
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(overview_figure(curves), out / OVERVIEW, dpi=100)
 
 
 # ---- summary --------------------------------------------------------------------------------------------------
@@ -136,6 +193,22 @@ def summary(curves: list[Curves], metrics: tuple[str, ...] = PLOTTED) -> str:
     return markdown_table(header, rows)
 
 
+def runs_with_metrics(paths: list[str | Path]) -> list[RunDir]:
+    """The paths that are run directories (they hold metrics.csv); the others are skipped with a note, so that
+    `report runs/*` passes over report/ or a sweep's directory. A DataError when none is a run."""
+    runs, skipped = [], []
+    for path in paths:
+        run = RunDir(Path(path))
+        if not run.path.exists():
+            open_run(path)  # a mistyped path: the error names it
+        (runs if run.metrics.is_file() else skipped).append(run)
+    if skipped:
+        log.info("skipped (no metrics.csv, not a run): %s", ", ".join(str(r.path) for r in skipped))
+    if not runs:
+        raise DataError(f"none of {', '.join(str(p) for p in paths)} is a run directory (none holds metrics.csv)")
+    return runs
+
+
 def write_report(paths: list[str | Path], out: str | Path | None = None) -> Path:
     """PNG per metric, the overview figure and report.md for the runs; returns the output directory.
 
@@ -144,7 +217,7 @@ def write_report(paths: list[str | Path], out: str | Path | None = None) -> Path
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, and none is opened
-    runs = [open_run(p) for p in paths]
+    runs = runs_with_metrics(paths)
     curves = [read_curves(run, label) for run, label in zip(runs, run_labels(runs), strict=True)]
     target = Path(out) if out is not None else runs[0].path.parent / "report"
     target.mkdir(parents=True, exist_ok=True)

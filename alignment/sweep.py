@@ -82,14 +82,30 @@ def combinations(axes: list[Axis]) -> list[dict[str, str]]:
     ]
 
 
+SAFE_VALUE = re.compile(r"[A-Za-z0-9.-]+")  # kept as written in a run name; "_" separates the name's parts
+
+
 def run_name(values: dict[str, str]) -> str:
-    """`beta-0.05_max_epochs-1`: each key's last part (the whole key where two share it), then the value."""
+    """`beta-0.05_max_epochs-1`: each key's last part (the whole key where two share it), then the value.
+
+    A value made only of letters, digits, '.' and '-' is written as it is (`-1` gives `seed--1`); any other value
+    has its other characters replaced by '-' and a hash of the whole value appended, so `a b`, `a_b` and `a-b` get
+    three names, and the same values give the same name in every invocation.
+    """
     last = [key.rsplit(".", 1)[-1] for key in values]
     parts = []
     for (key, value), short in zip(values.items(), last, strict=True):
         name = short if last.count(short) == 1 else key
-        parts.append(f"{name}-{re.sub(r'[^A-Za-z0-9.+-]+', '-', value).strip('-')}")
+        parts.append(f"{name}-{_value_text(value)}")
     return "_".join(parts)
+
+
+def _value_text(value: str) -> str:
+    if SAFE_VALUE.fullmatch(value):
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    readable = re.sub(r"[^A-Za-z0-9.-]+", "-", value).strip("-")[:40]
+    return f"{readable}-{digest}" if readable else digest
 
 
 def check_settings(config: str, fit_args: list[str], combos: list[dict[str, str]]) -> None:
@@ -201,6 +217,23 @@ def write_table(runs: list[SweepRun], keys: list[str], target: Path) -> tuple[Pa
     return markdown, table
 
 
+def check_run_dirs(runs: list[SweepRun]) -> None:
+    """Before anything trains: every combination has its own directory, and none is taken by something else
+    (a run of other values, or a directory this sweep did not make), so no run can overwrite another."""
+    seen: dict[Path, dict[str, str]] = {}
+    for run in runs:
+        if run.path in seen:
+            raise ConfigError(f"--grid: {seen[run.path]} and {run.values} would share the run directory {run.path}")
+        seen[run.path] = run.values
+        if not run.path.exists() or (run.path.is_dir() and not any(run.path.iterdir())):
+            continue
+        recorded = _read_marker(run).get("values")
+        if recorded != run.values:
+            owner = f"the sweep run of {recorded}" if recorded else "something that is not a run of this sweep"
+            raise ConfigError(f"{run.path} holds {owner}; the run of {run.values} would overwrite it: "
+                              "choose another --out or move it away")  # fmt: skip
+
+
 def run_sweep(
     config: str, grid: list[str], *, fit_args: list[str] | None = None, out: str | Path | None = None
 ) -> Path:
@@ -222,6 +255,7 @@ def run_sweep(
                  "--trainer.default_root_dir", str(target / name), "--trainer.enable_progress_bar", "false"])
         for combo, name in zip(combos, names, strict=True)
     ]  # fmt: skip
+    check_run_dirs(runs)
     target.mkdir(parents=True, exist_ok=True)
     keys = [a.key for a in axes]
     with tqdm(runs, desc="sweep", unit="run") as progress:

@@ -5,10 +5,26 @@ from __future__ import annotations
 import csv
 import html
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 Cell = str | float | int | None
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (category Cc)
+_CONTROL_BUT_LINE_FEED = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+_CONTROL_BUT_BREAKS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # less tab and line feed
+
+
+def _hex(match: re.Match) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
+def visible(text: str) -> str:
+    """Text with its control characters shown: a line break as ↵, any other as \\xNN (a tab as \\x09).
+
+    For generated text in a table, where a raw control character would be invisible or break the layout."""
+    return _CONTROL.sub(_hex, text.replace("\r\n", "\n").replace("\n", "↵"))
 
 
 def format_cell(value: Cell) -> str:
@@ -21,10 +37,12 @@ def format_cell(value: Cell) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:
-    """A GitHub-flavoured markdown table; pipes are escaped and line breaks become <br> so a cell stays one line."""
+    """A GitHub-flavoured markdown table; pipes are escaped and line breaks become <br> so a cell stays one line;
+    other control characters are written as \\xNN."""
 
     def cell(value: Cell) -> str:
-        return format_cell(value).replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
+        text = _CONTROL_BUT_LINE_FEED.sub(_hex, format_cell(value).replace("\r\n", "\n"))
+        return text.replace("|", "\\|").replace("\n", "<br>")
 
     lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
@@ -32,10 +50,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence[Cell]], *, title: str, footer: int = 0) -> str:
-    """A standalone HTML page holding one table; the last `footer` rows go in <tfoot>. Text keeps its line breaks."""
+    """A standalone HTML page holding one table; the last `footer` rows go in <tfoot>. Text keeps its line breaks
+    and tabs; other control characters (not allowed in HTML) are written as \\xNN."""
+
+    def text(value: Cell) -> str:
+        return html.escape(_CONTROL_BUT_BREAKS.sub(_hex, format_cell(value).replace("\r\n", "\n")))
 
     def row_html(values: Sequence[Cell], tag: str) -> str:
-        return "<tr>" + "".join(f"<{tag}>{html.escape(format_cell(v))}</{tag}>" for v in values) + "</tr>"
+        return "<tr>" + "".join(f"<{tag}>{text(v)}</{tag}>" for v in values) + "</tr>"
 
     body, foot = rows[: len(rows) - footer], rows[len(rows) - footer :] if footer else []
     style = (

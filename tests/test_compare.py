@@ -7,6 +7,7 @@ from peft import PeftModel
 
 from alignment.cli import main
 from alignment.compare import (
+    Answer,
     DecodeOptions,
     generate_ids,
     parse_adapters,
@@ -14,6 +15,7 @@ from alignment.compare import (
     read_prompts,
     repetition_score,
     stop_token_ids,
+    write_comparison,
 )
 from alignment.errors import ConfigError, DataError
 from alignment.model import load_base, load_tokenizer
@@ -52,6 +54,32 @@ def test_compare_writes_one_row_per_prompt_and_one_column_per_model(tmp_path):
         assert means[column] == f"repetition {mean_repetition:.3f}, {mean_tokens:.1f} tokens"
     page = (out / "compare.html").read_text()
     assert page.count("<tr>") == 1 + len(PROMPTS) + 1 and "<tfoot>" in page
+    about = (out / "compare.md").read_text().split("\n\n")[1]  # the settings, greedy by default
+    assert "- do_sample: False" in about and "temperature" not in about and "top_p" not in about
+
+
+def test_only_the_decoding_settings_that_applied_are_listed():
+    assert "temperature" not in DecodeOptions().applied() and "top_p" not in DecodeOptions().applied()
+    sampled = DecodeOptions(do_sample=True, temperature=0.5, top_p=0.8).applied()
+    assert sampled["temperature"] == 0.5 and sampled["top_p"] == 0.8
+
+
+def test_control_characters_are_shown_in_the_markdown_table_and_the_text_is_kept(tmp_path):
+    text = "line one\nline two\ttab\x1b[31mred\x00 | pipe é"
+    prompts = [("say\rit", "be\nbrief"), ([{"role": "user", "content": "hi\x07"}], None)]
+    answers = {"base": [Answer(text, 9, 0.0), Answer("ok", 1, 0.0)]}
+    write_comparison(tmp_path, prompts, answers, {"do_sample": False})
+
+    markdown = (tmp_path / "compare.md").read_text()
+    assert not any(c in markdown for c in "\t\r\x1b\x00\x07")  # no raw control character left
+    rows = [line for line in markdown.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2  # each row stays one line
+    assert "line one↵line two\\x09tab\\x1b[31mred\\x00 \\| pipe é<br><br>(repetition 0.00, 9 tokens)" in rows[0]
+    assert "system: be↵brief<br>say\\x0dit" in rows[0] and "user: hi\\x07" in rows[1]
+    page = (tmp_path / "compare.html").read_text()
+    assert "line one\nline two\ttab\\x1b[31mred\\x00 | pipe é" in page  # HTML keeps breaks and tabs
+    record = json.loads((tmp_path / "compare.jsonl").read_text().splitlines()[0])
+    assert record["answers"]["base"]["text"] == text  # the data file keeps the exact text
 
 
 def test_each_column_is_its_own_model(tmp_path):

@@ -2,6 +2,11 @@
 
 import logging
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -9,8 +14,10 @@ import torch
 from peft import PeftModel
 
 from alignment import DPO, PreferenceDataModule
-from alignment.reference import ReferenceCache
+from alignment.reference import ReferenceCache, _checksum, fingerprint, pairs_read_by_steps
 from tests.helpers import synthetic_pairs, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -165,3 +172,112 @@ def test_concurrent_writers_never_leave_a_broken_entry(tmp_path):
         writer.join()
         assert writer.exitcode == 0
     assert [p.name for p in tmp_path.iterdir()] == ["same.pt"]  # no temp file left behind
+
+
+# ---- partial entries: a short run computes what its steps read; a signal keeps what was computed ---------------
+
+
+def entry_masks(cache_dir):
+    (entry,) = entries(cache_dir)
+    return torch.load(entry, weights_only=True)["filled"]
+
+
+def first_batches(data, steps):
+    sampler = data.train_dataloader().batch_sampler
+    sampler.set_epoch(0)
+    return {i for batch in sampler.global_batches()[:steps] for i in batch}
+
+
+def test_a_short_run_computes_only_the_pairs_its_steps_read(tmp_path, reference_forwards):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(40, seed=0))  # 30 train, 10 validation
+    _, data = fit(pairs, tmp_path / "cache", steps=2)  # validates at step 2
+    masks = entry_masks(tmp_path / "cache")
+    assert set(masks["train"].nonzero().flatten().tolist()) == first_batches(data, 2)  # 4 of 30
+    assert masks["validation"].all()  # computed as validation read them, then written at the end
+    assert len(reference_forwards) == 2 + 5  # 4 train pairs, 10 validation pairs, 2 per forward
+
+    reference_forwards.clear()
+    _, data = fit(pairs, tmp_path / "cache", steps=4)  # 4 more train pairs; the rest is in the entry
+    assert len(reference_forwards) == 2
+    assert set(entry_masks(tmp_path / "cache")["train"].nonzero().flatten().tolist()) == first_batches(data, 4)
+
+    reference_forwards.clear()
+    fit(pairs, tmp_path / "cache", steps=15)  # reads every pair: the remaining 22 in one pass
+    assert len(reference_forwards) == 11 and entry_masks(tmp_path / "cache")["train"].all()
+    fit(pairs, tmp_path / "whole", steps=15)  # one pass from nothing: the same values
+    (partial,), (whole,) = entries(tmp_path / "cache"), entries(tmp_path / "whole")
+    partial, whole = torch.load(partial, weights_only=True), torch.load(whole, weights_only=True)
+    for split in ("train", "validation"):
+        torch.testing.assert_close(partial["tables"][split], whole["tables"][split], rtol=1e-5, atol=1e-5)
+
+
+def test_pairs_read_by_steps_follow_the_sampler_epochs_and_accumulation():
+    order = {0: [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], 1: [[9, 8], [7, 6], [5, 4], [3, 2], [1, 0]]}
+
+    def read(**kwargs):
+        settings = {"max_epochs": None, "accumulate": 1, "batches_per_epoch": 5} | kwargs
+        return pairs_read_by_steps(order.__getitem__, settings.pop("size", 40), **settings)
+
+    assert read(max_steps=2) == [0, 1, 2, 3]
+    assert read(max_steps=1, accumulate=2) == [0, 1, 2, 3]  # one step reads two batches
+    assert read(max_steps=2, batches_per_epoch=1) == [0, 1, 9, 8]  # limit_train_batches=1: one batch per epoch
+    assert read(max_steps=9, batches_per_epoch=1, max_epochs=2) == [0, 1, 9, 8]  # max_epochs ends it first
+    # an epoch's last step takes the batches left: [0..5], [6, 7]; then [9, 8, 7, 6, 5, 4]
+    assert read(max_steps=3, accumulate=3, batches_per_epoch=4) == [0, 1, 2, 3, 4, 5, 6, 7, 9, 8]
+    assert read(max_steps=5, size=10) is None  # half the pairs or more: a full pass
+    assert read(max_steps=-1) is None
+
+
+def test_a_signal_during_the_pass_keeps_the_rows_computed_and_stops_cleanly(pairs_file, tmp_path, reference_forwards,
+                                                                            monkeypatch):  # fmt: skip
+    original = DPO._reference_pass
+
+    def signalled(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if len(reference_forwards) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(DPO, "_reference_pass", signalled)
+    with pytest.raises(SystemExit) as stop:
+        fit(pairs_file, tmp_path / "cache", steps=5)  # a full pass: 9 train pairs, 3 validation, 2 per forward
+    assert stop.value.code == 143 and len(reference_forwards) == 2
+    masks = entry_masks(tmp_path / "cache")
+    assert int(masks["train"].sum()) == 4 and not masks["validation"].any()  # the two batches done are kept
+
+    monkeypatch.setattr(DPO, "_reference_pass", original)
+    reference_forwards.clear()
+    fit(pairs_file, tmp_path / "cache", steps=5)
+    assert len(reference_forwards) == 3 + 2  # the other 5 train pairs and the validation pairs
+    assert all(mask.all() for mask in entry_masks(tmp_path / "cache").values())
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_the_cli_stops_in_one_line_on_a_signal_during_the_pass(tmp_path, signum, code):
+    cache = tmp_path / "cache"
+    command = [sys.executable, "cli.py", "fit", "--config", "demo_dpo.yaml", "--trainer.max_steps", "50",
+               "--trainer.default_root_dir", str(tmp_path / "run"), "--model.reference_cache_dir", str(cache),
+               "--trainer.callbacks+=tests.reference_signals.SignalInReferencePass",
+               f"--trainer.callbacks.signum={int(signum)}"]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    stops = [line for line in result.stderr.splitlines() if "during the reference pass" in line]
+    assert len(stops) == 1 and signal.Signals(signum).name in stops[0], result.stderr[-3000:]
+    masks = entry_masks(cache)
+    assert int(masks["train"].sum()) == 2 * 8  # two batches of the demo's batch size 8
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # no step was taken: nothing to resume
+
+
+def test_an_entry_of_the_first_format_is_read(pairs_file, tmp_path, reference_forwards):
+    module, data = fit(pairs_file, tmp_path / "cache")
+    (entry,) = entries(tmp_path / "cache")
+    tables = torch.load(entry, weights_only=True)["tables"]
+    digests = {split: data.digest(split) for split in ("train", "validation")}
+    old_key = fingerprint({**module._reference_identity(), "format": 1, "pairs": digests})
+    old = {"version": 1, "fingerprint": old_key, "meta": {}, "tables": tables, "checksum": _checksum(tables)}
+    torch.save(old, tmp_path / "cache" / f"{old_key}.pt")
+    entry.unlink()
+    reference_forwards.clear()
+    fit(pairs_file, tmp_path / "cache")
+    assert reference_forwards == []

@@ -11,7 +11,15 @@ import pytest  # noqa: E402
 
 from alignment.cli import main  # noqa: E402
 from alignment.errors import DataError  # noqa: E402
-from alignment.report import PLOTTED, Curves, _draw, read_curves, run_labels  # noqa: E402
+from alignment.report import (  # noqa: E402
+    PLOTTED,
+    Curves,
+    _draw,
+    metric_figure,
+    overview_figure,
+    read_curves,
+    run_labels,
+)
 from alignment.rundir import RunDir  # noqa: E402
 from tests.demo_runs import demo_run  # noqa: E402
 
@@ -70,7 +78,7 @@ def test_a_step_logged_twice_keeps_its_latest_row_and_splits_train_from_val(tmp_
     )
     curves = read_curves(RunDir(run))
     assert list(curves.train.index) == [2, 4, 6] and list(curves.train["loss"]) == [0.9, 0.7, 0.6]
-    assert list(curves.val.index) == [5] and curves.final("val", "loss") == 0.65
+    assert list(curves.val.index) == [6] and curves.final("val", "loss") == 0.65  # validated after step 6
     assert math.isnan(curves.final("val", "rewards/chosen"))  # never logged
 
 
@@ -91,6 +99,58 @@ def test_bad_runs_are_named_in_one_line_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="metrics.csv does not exist"):
         read_curves(RunDir(tmp_path / "empty"))
+
+
+def test_validation_lands_on_the_step_after_which_it_ran():
+    """The demo run validates once, at the end of its epoch of 6 steps; Lightning logs it at step 5."""
+    run = demo_run("dpo")
+    with open(run / "metrics.csv") as f:
+        logged = [int(row["step"]) for row in csv.DictReader(f) if row.get("val/loss")]
+    curves = read_curves(RunDir(run))
+    assert logged == [5] and list(curves.val.index) == [6] == [curves.train.index.max()]
+    assert curves.method == "DPO"
+
+
+def panels(fig):
+    return [ax for ax in fig.axes if ax.axison]
+
+
+def test_methods_get_their_own_panels_each_with_a_y_label():
+    curves = [read_curves(RunDir(demo_run("dpo")), "dpo"), read_curves(RunDir(demo_run("orpo")), "orpo")]
+    for fig in (overview_figure(curves), *(metric_figure(curves, m) for m in PLOTTED)):
+        shown = panels(fig)
+        assert shown and all(ax.get_ylabel() for ax in shown)  # every panel says what its axis measures
+        for ax in shown:  # no panel mixes DPO's loss (~0.7) with ORPO's (NLL included, far larger)
+            runs = {line.get_label().split()[0] for line in ax.get_lines()}
+            assert len(runs) == 1, (ax.get_title(), runs)
+        plt.close(fig)
+    fig = metric_figure(curves, "loss")
+    assert [(ax.get_title(), ax.get_ylabel()) for ax in panels(fig)] == [("loss (DPO)", "DPO loss"),
+                                                                       ("loss (ORPO)", "NLL + β·L_OR")]  # fmt: skip
+    assert [line.get_color() for ax in panels(fig) for line in ax.get_lines()] == ["C0", "C0", "C1", "C1"]
+    plt.close(fig)
+    fig = overview_figure(curves[:1])  # one method: the 2 x 3 figure, its sixth panel the legend
+    assert len(fig.axes) == 6 and len(panels(fig)) == 5
+    plt.close(fig)
+
+
+def test_report_over_a_glob_skips_what_is_not_a_run(tmp_path, capsys, caplog):
+    runs = tmp_path / "runs"
+    (runs / "report").mkdir(parents=True)  # an earlier report's output
+    (runs / "notes.txt").write_text("not a run")
+    (runs / "dpo").mkdir()
+    (runs / "dpo" / "metrics.csv").write_text((demo_run("dpo") / "metrics.csv").read_text())
+    paths = sorted(str(p) for p in runs.iterdir())
+    caplog.set_level("INFO", logger="alignment")
+    main(["report", *paths, "--out", str(tmp_path / "out")])
+    assert [row["run"] for row in markdown_rows((tmp_path / "out" / "report.md").read_text())] == ["dpo"]
+    (note,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert str(runs / "report") in note and str(runs / "notes.txt") in note and "/dpo" not in note
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(runs / "report"), str(runs / "notes.txt")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "none of" in err and "metrics.csv" in err
 
 
 def test_help_works(capsys):

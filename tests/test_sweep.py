@@ -2,12 +2,22 @@
 
 import csv
 import json
+import re
 
 import pytest
 
 from alignment.cli import main
 from alignment.errors import ConfigError
-from alignment.sweep import MARKER, Axis, check_settings, combinations, parse_grid, run_name
+from alignment.sweep import (
+    MARKER,
+    Axis,
+    SweepRun,
+    check_run_dirs,
+    check_settings,
+    combinations,
+    parse_grid,
+    run_name,
+)
 
 
 def test_grid_values_and_combinations():
@@ -41,9 +51,52 @@ def test_a_key_given_twice_is_refused():
 def test_run_names_come_from_the_values():
     assert run_name({"model.beta": "0.05", "trainer.max_epochs": "1"}) == "beta-0.05_max_epochs-1"
     assert run_name({"model.lr_scheduler": "cosine", "data.path": "data/pairs.jsonl"}) == (
-        "lr_scheduler-cosine_path-data-pairs.jsonl"
+        "lr_scheduler-cosine_path-data-pairs.jsonl-16d143a3"  # sha256("data/pairs.jsonl")[:8]: "/" is not kept
     )
     assert run_name({"a.seed": "1", "b.seed": "2"}) == "a.seed-1_b.seed-2"  # the same last part: whole keys
+
+
+def test_run_names_are_unique_and_stable():
+    assert run_name({"seed_everything": "1"}) == "seed_everything-1"
+    assert run_name({"seed_everything": "-1"}) == "seed_everything--1"
+    values = ["1", "-1", "a b", "a_b", "a-b", "a/b", "[q_proj,v_proj]", "[q_proj, v_proj]", "é", "%"]
+    names = [run_name({"model.x": v}) for v in values]
+    assert len(set(names)) == len(values), names
+    assert names == [run_name({"model.x": v}) for v in values]  # the same values, the same names
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
+    # "_" joins the parts, so a value holding it cannot shift into the next key's part
+    assert run_name({"a.x": "1_y-2", "b.y": "3"}) != run_name({"a.x": "1", "b.y": "2_y-3"})
+
+
+def sweep_run(path, **values):
+    return SweepRun(values, path, ["fit"])
+
+
+def test_a_taken_run_directory_is_refused_before_anything_trains(tmp_path, capsys):
+    check_run_dirs([sweep_run(tmp_path / "empty")])  # missing: free
+    (tmp_path / "empty").mkdir()
+    check_run_dirs([sweep_run(tmp_path / "empty")])  # empty: free
+    with pytest.raises(ConfigError, match="would share the run directory"):
+        check_run_dirs([sweep_run(tmp_path / "x", a="1"), sweep_run(tmp_path / "x", a="2")])
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / MARKER).write_text(json.dumps({"values": {"model.beta": "0.1"}, "status": "failed (exit 1)"}))
+    check_run_dirs([sweep_run(mine, **{"model.beta": "0.1"})])  # this sweep's run of the same values
+    with pytest.raises(ConfigError, match=r"holds the sweep run of \{'model.beta': '0.1'\}"):
+        check_run_dirs([sweep_run(mine, **{"model.beta": "0.2"})])
+
+    out = tmp_path / "sweep"
+    other = out / "beta-0.1"  # a fit run of someone else, where the sweep would put model.beta=0.1
+    other.mkdir(parents=True)
+    (other / "metrics.csv").write_text("step,train/loss\n0,0.69\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", "configs/demo_dpo.yaml", "--grid", "model.beta=0.05,0.1", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "beta-0.1 holds something that is not a run of this sweep" in err
+    assert sorted(p.name for p in out.iterdir()) == ["beta-0.1"]  # nothing ran, not even the free beta-0.05
+    assert sorted(p.name for p in other.iterdir()) == ["metrics.csv"]
 
 
 def test_unknown_keys_and_bad_values_fail_before_training(tmp_path, capsys):
