@@ -41,6 +41,8 @@ class AlignmentCLI(LightningCLI):
             files = config.get("config") or []
             name = Path(str(files[-1])).stem if files else config.model.class_path.rsplit(".", 1)[-1].lower()
             config.trainer.default_root_dir = str(Path("runs") / name)
+        # the base is checked before anything prints or is built: a wrong --model.base is one line, at once
+        resolve_base(config.model.init_args.base, config.model.init_args.get("revision"))
 
     def before_fit(self) -> None:
         # the model is checked before the data is read: a missing base fails at once, not after tokenizing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ from transformers import (
 )
 
 from alignment.errors import ModelLoadError
+from alignment.gguf import gguf_source, is_gguf
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,14 @@ def resolve_base(base: str, revision: str | None = None) -> str:
     """
     if base == TINY:
         return str(build_tiny_model())
-    if Path(base).expanduser().exists():
-        return str(Path(base).expanduser())
+    if is_gguf(base):  # a llama.cpp file, or a model a Python package ships: converted once, then a directory
+        return str(gguf_source(base, cache_dir()))
+    path = Path(base).expanduser()
+    if path.exists():
+        check_model_dir(base, path)
+        return str(path)
+    if looks_like_path(base):  # not a hub name: saying "not in the Hugging Face cache" would mislead
+        raise ModelLoadError(f"--model.base {base}: no such directory")
     if hub_reachable():
         return base
     from huggingface_hub import snapshot_download
@@ -59,6 +67,32 @@ def resolve_base(base: str, revision: str | None = None) -> str:
             "and the hub cannot be reached (offline, or HF_HUB_OFFLINE=1). Download it on a machine with network "
             f"(`hf download {base} --local-dir DIR`) and pass the local copy: --model.base DIR"
         ) from err
+
+
+def looks_like_path(base: str) -> bool:
+    """A path, not a hub name (`org/name`): starts like one, has more than one `/`, or has the OS's own separator."""
+    return base.startswith(("/", ".", "~")) or base.count("/") > 1 or (os.sep != "/" and os.sep in base)
+
+
+def check_model_dir(base: str, path: Path) -> None:
+    """One clear line for a local base that is not a model: a file, an empty directory, a PEFT adapter."""
+    if not path.is_dir():
+        raise ModelLoadError(f"--model.base {base}: a file, not a model directory (or a .gguf file)")
+    if not any(path.iterdir()):
+        raise ModelLoadError(f"--model.base {base}: the directory is empty; it should hold a model (config.json, "
+                             "weights, tokenizer), e.g. from `hf download NAME --local-dir DIR`")
+    adapter_config = path / "adapter_config.json"
+    if adapter_config.is_file():
+        try:
+            named = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            named = None
+        raise ModelLoadError(
+            f"--model.base {base}: this is a PEFT adapter, not a base model; its base is named in "
+            f"{adapter_config} (base_model_name_or_path: {named!r}): pass that as --model.base"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"--model.base {base}: no config.json in this directory: it is not a model directory")
 
 
 def hub_reachable() -> bool:
