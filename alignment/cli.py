@@ -246,7 +246,6 @@ def run_cli(argv: list[str] | None) -> AlignmentCLI | None:
             subclass_mode_model=True,
             auto_configure_optimizers=False,
             save_config_callback=RunStart,
-            save_config_kwargs={"overwrite": True},
             seed_everything_default=42,
             # the data module shards the training pairs itself: Lightning's sampler would change their order on resume
             trainer_defaults={"max_epochs": 1, "log_every_n_steps": 1, "use_distributed_sampler": False},
