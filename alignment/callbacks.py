@@ -55,17 +55,20 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         last = Path(filepath).name == f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        staged = None
+        staged, writing = None, filepath
         try:
             if last and self.adapter_dir is not None and trainer.is_global_zero:
+                writing = self.adapter_dir
                 staged = stage_adapter(trainer.lightning_module, self.adapter_dir)
+                writing = filepath
             super()._save_checkpoint(trainer, filepath)
             if staged is not None:
+                writing = self.adapter_dir
                 commit_adapter(staged, self.adapter_dir)
                 staged = None
         except OSError as err:
             self._save_failed = True
-            raise write_error(err, filepath, self._last_global_step_saved) from err
+            raise write_error(err, writing, self._last_global_step_saved) from err
         except BaseException:
             self._save_failed = True
             raise

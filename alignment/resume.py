@@ -113,25 +113,29 @@ def _write_rows(handle, header: list[str], rows: list[dict[str, str]]) -> None:
 def checkpoint_step(path: str | Path) -> int:
     """The step a checkpoint was saved at; a RunDirError naming the file (and another one to use) when it is
     damaged."""
-    path = Path(path)
     try:
-        # mmap: only the few bytes of the step are read, not the adapters and optimizer state
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        return _read_step(Path(path))
     except Exception as err:  # a truncated zip, garbage, a missing key: torch says OSError, RuntimeError, ...
-        raise damaged_checkpoint(path, err) from err
+        raise damaged_checkpoint(Path(path), err) from err
+
+
+def _read_step(path: Path) -> int:
+    # mmap: only the few bytes of the step are read, not the adapters and optimizer state
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def damaged_checkpoint(path: Path, err: BaseException) -> RunDirError:
-    others = []
+    """The error for a checkpoint that cannot be read, naming the readable checkpoint beside it, if there is one."""
+    readable = []
     for other in sorted(path.parent.glob("*.ckpt")):
         if other != path:
             try:
-                others.append((checkpoint_step(other), other))
-            except RunDirError:
+                readable.append((_read_step(other), str(other)))
+            except Exception:
                 continue
     hint = "no other checkpoint in the directory: start the run over with --overwrite true"
-    if others:
-        step, other = max(others)
+    if readable:
+        step, other = max(readable)
         hint = f"{other} (step {step}) is readable: resume from it with --ckpt_path {other}"
     return RunDirError(f"{path} is damaged, not a readable checkpoint ({type(err).__name__}); {hint}")
 

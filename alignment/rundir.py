@@ -182,8 +182,7 @@ def write_error(err: OSError, path: str | Path, saved_step: int | None = None) -
     reason = "no space left on the device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or str(err)
     kept = f"; last.ckpt and adapter/ stay at step {saved_step}" if saved_step else ""
     return RunDirError(
-        f"cannot write {err.filename or path}: {reason}{kept}. Free space (or fix the permissions), then continue "
-        "with --ckpt_path last"
+        f"cannot write {path}: {reason}{kept}. Free space (or fix the permissions), then continue with --ckpt_path last"
     )
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from alignment.errors import RunDirError
 from alignment.model import build_tiny_model
+from alignment.resume import checkpoint_step
 from alignment.rundir import LOCK_FILE, lock_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,3 +242,14 @@ def test_a_full_disk_stops_in_one_line_with_adapter_and_checkpoint_at_the_same_s
     assert last["global_step"] == 4
     assert all(torch.equal(adapter[k.removeprefix("policy.").replace(".default", "")], v)
                for k, v in last["state_dict"].items())  # fmt: skip
+
+
+def test_a_damaged_checkpoint_names_the_readable_one_beside_it_or_says_there_is_none(tmp_path):
+    last, other = tmp_path / "last.ckpt", tmp_path / "epoch=0-step=4.ckpt"
+    last.write_bytes(b"PK\x03\x04 cut short")
+    other.write_bytes(b"not a checkpoint either")
+    with pytest.raises(RunDirError, match="last.ckpt is damaged.*no other checkpoint in the directory"):
+        checkpoint_step(last)
+    torch.save({"global_step": 4}, other)
+    with pytest.raises(RunDirError, match=r"epoch=0-step=4.ckpt \(step 4\) is readable"):
+        checkpoint_step(last)
