@@ -1,4 +1,5 @@
-"""Callbacks: export the trained adapter in PEFT format; keep last.ckpt at the step training stopped at."""
+"""The run's checkpoint callback: last.ckpt and the PEFT adapter saved together, at the step training stopped at,
+with the length of the learning-rate schedule they belong to."""
 
 from __future__ import annotations
 
@@ -9,54 +10,97 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
+
+from alignment.errors import ConfigError, RunDirError, RunFinished
+from alignment.rundir import commit_adapter, discard_adapter, stage_adapter, write_error
 
 log = logging.getLogger(__name__)
 
 
-class AdapterExport(L.Callback):
-    """Write the LoRA adapter (`adapter_model.safetensors` + `adapter_config.json`) when training ends or stops.
-
-    The directory loads with `PeftModel.from_pretrained(base, directory)`.
-    """
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-
-    @rank_zero_only
-    def _export(self, pl_module: L.LightningModule) -> None:
-        if getattr(pl_module, "policy", None) is None:
-            return
-        pl_module.policy.save_pretrained(self.directory)
-        log.info("adapter written to %s", self.directory)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._export(pl_module)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if trainer.global_step > 0:  # keep what was learnt before an interrupt
-            self._export(pl_module)
+def schedule_length(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+    """Optimizer steps of the whole run, as the module's learning-rate schedule counts them."""
+    total_steps = getattr(pl_module, "_total_steps", None)
+    return int(total_steps()) if callable(total_steps) else int(trainer.estimated_stepping_batches)
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that keeps last.ckpt at the step training stopped at.
+    """ModelCheckpoint that keeps last.ckpt, and the adapter beside it, at the step training stopped at.
 
+    - Every last.ckpt is saved together with the adapter (`adapter_dir`, PEFT format: `PeftModel.from_pretrained(base,
+      adapter_dir)`): the adapter is written to a temp directory first and renamed into place only once last.ckpt is
+      written, so the two always hold the same step. A failed save (a full disk) leaves both at the previous step.
     - When training ends between two saves (e.g. at max_steps in the middle of an epoch), last.ckpt is rewritten.
     - On SIGTERM (a scheduler's pre-emption, `kill`) or Ctrl-C, the optimizer step in flight is finished (a
-      gradient accumulation too), last.ckpt is saved at that step and training stops cleanly; `--ckpt_path last`
-      continues from there. A second signal stops at once, through Lightning's interrupt path.
+      gradient accumulation too), last.ckpt is saved at that step and training stops at once, without a validation
+      pass; `--ckpt_path last` continues from there. A second signal stops at once, through Lightning's interrupt path.
+    - The checkpoint holds the schedule's length (`schedule.total_steps`): a resume that would stretch or shrink the
+      schedule is refused, and resuming a run that already reached its end trains nothing (`RunFinished`).
     """
 
     STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SCHEDULE_KEY = "schedule"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, adapter_dir: str | Path | None = None, **kwargs):
+        # on_exception below decides what an exception may save: Lightning's would also retry a failed save
+        self._keep_on_exception = kwargs.pop("save_on_exception", False)
         super().__init__(*args, **kwargs)
+        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
         self.stop_signal: str | None = None
         self._handlers: dict[int, object] = {}
         self._step_at_batch_start = 0
+        self._schedule_steps: int | None = None
+        self._save_failed = False
+
+    # ---- saving -------------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        last = Path(filepath).name == f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        staged, writing = None, filepath
+        try:
+            if last and self.adapter_dir is not None and trainer.is_global_zero:
+                writing = self.adapter_dir
+                staged = stage_adapter(trainer.lightning_module, self.adapter_dir)
+                writing = filepath
+            super()._save_checkpoint(trainer, filepath)
+            if staged is not None:
+                writing = self.adapter_dir
+                commit_adapter(staged, self.adapter_dir)
+                staged = None
+        except OSError as err:
+            self._save_failed = True
+            raise write_error(err, writing, self._last_global_step_saved) from err
+        except BaseException:
+            self._save_failed = True
+            raise
+        finally:
+            if staged is not None:
+                discard_adapter(staged)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._schedule_steps is not None:
+            checkpoint[self.SCHEDULE_KEY] = {"total_steps": self._schedule_steps}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        saved = (checkpoint.get(self.SCHEDULE_KEY) or {}).get("total_steps")
+        if saved is None or trainer.state.fn != "fit":
+            return
+        now, step = schedule_length(trainer, pl_module), int(checkpoint["global_step"])
+        if now != saved:
+            raise ConfigError(
+                f"cannot resume from {trainer.ckpt_path}: its learning-rate schedule is {saved} optimizer steps long, "
+                f"this run's would be {now} (--trainer.max_epochs, --trainer.max_steps, --trainer.limit_train_batches "
+                "and --trainer.accumulate_grad_batches set it). A resumed run keeps its schedule: resume with the "
+                "run's own settings, or train longer in a new run (another --trainer.default_root_dir)"
+            )
+        if step >= saved:
+            raise RunFinished(f"nothing to resume: {trainer.default_root_dir} finished at step {step}")
+
+    # ---- stopping on a signal -----------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._schedule_steps = schedule_length(trainer, pl_module)
         self.stop_signal = None
         if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set them
             self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in self.STOP_SIGNALS}
@@ -86,6 +130,7 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.global_step != self._last_global_step_saved:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         trainer.should_stop = True
+        trainer.limit_val_batches = 0  # Lightning validates before honouring should_stop: a stop is prompt
         if trainer.is_global_zero:
             log.warning(
                 "stopped at step %d (%s); last.ckpt is in %s: continue with --ckpt_path last",
@@ -96,8 +141,17 @@ class RunCheckpoint(ModelCheckpoint):
         self._restore_handlers()
         super().on_train_end(trainer, pl_module)
         if self.save_last and self.dirpath and trainer.global_step != self._last_global_step_saved:
-            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A second Ctrl-C, or a crash between two saves: keep what was learnt in last.ckpt and the adapter. Nothing
+        is saved when the exception came from a save itself (a full disk) or before training started (a refused
+        resume, a finished run)."""
         self._restore_handlers()
-        super().on_exception(trainer, pl_module, exception)
+        started = self._schedule_steps is not None
+        if not self._keep_on_exception or self._save_failed or not started:
+            return
+        if isinstance(exception, (RunDirError, RunFinished)):
+            return
+        if self.save_last and self.dirpath and trainer.global_step not in (0, self._last_global_step_saved):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -3,23 +3,60 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
+import lightning as L
 import yaml
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 
-from alignment.callbacks import AdapterExport, RunCheckpoint
+from alignment.callbacks import RunCheckpoint
 from alignment.data import PreferenceDataModule
+from alignment.errors import RunDirError, RunFinished
+from alignment.files import atomic_write
 from alignment.generations import SampleGenerations
 from alignment.model import resolve_base
 from alignment.modules import PreferenceModule
 from alignment.parser import AlignmentParser
 from alignment.resume import AtomicCheckpointIO, RunCSVLogger, checkpoint_step
+from alignment.rundir import clear_run, holds_run, lock_run, write_error
 from alignment.usage import CONFIG_DIR, TRAINING_VERBS, main, resolve_config_args, user_error
 
 __all__ = ["CONFIG_DIR", "AlignmentCLI", "main", "resolve_config_args", "run_cli", "user_error"]
 log = logging.getLogger(__name__)
+
+
+class RunStart(SaveConfigCallback):
+    """What a fit does to its run directory once training really starts, and not before: a run that fails or is
+    refused earlier (bad data, a resume check, Ctrl-C while tokenizing) leaves the directory as it was.
+
+    With `--overwrite true` the earlier run's files go; metrics.csv starts (or keeps the rows up to the resumed
+    step); config.yaml is written, without `ckpt_path` and `overwrite`: `fit --config runs/X/config.yaml` reruns it,
+    and `--ckpt_path last` continues it.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pass  # LightningCLI would save config.yaml here, before the data is read and the checkpoint checked
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        root = Path(trainer.default_root_dir)
+        if self.config.get("overwrite"):
+            clear_run(root)
+        for logger in trainer.loggers:
+            if isinstance(logger, RunCSVLogger):
+                logger.start()
+        config = self.config.clone()
+        config.ckpt_path, config.overwrite = None, False
+        text = self.parser.dump(config, skip_none=False)
+        path = Path(trainer.log_dir or root) / self.config_filename
+        try:
+            atomic_write(path, lambda handle: handle.write(text.encode()))
+        except OSError as err:
+            raise write_error(err, path) from err
 
 
 class AlignmentCLI(LightningCLI):
@@ -31,8 +68,22 @@ class AlignmentCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--wandb", type=bool, default=False, help="also log to Weights & Biases")
         parser.add_argument("--wandb_project", type=str, default="preference-alignment")
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="fit: start over in a run directory that holds a run (its files go once training starts)",
+        )  # fmt: skip
         parser.link_arguments("model.init_args.base", "data.tokenizer")
         parser.link_arguments("model.init_args.revision", "data.revision")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of a checkpoint file here: a damaged one is named, not a traceback
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is not None and ckpt_path not in CKPT_KEYWORDS:
+            if not Path(ckpt_path).is_file():
+                raise RunDirError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+            checkpoint_step(ckpt_path)
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -43,32 +94,33 @@ class AlignmentCLI(LightningCLI):
             config.trainer.default_root_dir = str(Path("runs") / name)
         # the base is checked before anything prints or is built: a wrong --model.base is one line, at once
         resolve_base(config.model.init_args.base, config.model.init_args.get("revision"))
+        ignore_split_of_local_file(config.data)
+        root = Path(config.trainer.default_root_dir)
+        self._resumed_from: int | None = None
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = str(last_checkpoint(root))
+            if self.subcommand == "fit":
+                self._resumed_from = checkpoint_step(config.ckpt_path)
+        elif config.get("ckpt_path") is not None and config.ckpt_path not in CKPT_KEYWORDS:
+            self._resumed_from = checkpoint_step(config.ckpt_path) if self.subcommand == "fit" else None
+        if self.subcommand == "fit" and rank_zero_only.rank == 0:  # the other processes of a DDP run join this one
+            self._lock = lock_run(root)
+            check_fit_dir(root, config)
 
     def before_fit(self) -> None:
         # the model is checked before the data is read: a missing base fails at once, not after tokenizing
         resolve_base(self.model.hparams.base, self.model.hparams.revision)
-        root = Path(self.trainer.default_root_dir)
-        log.info("run directory: %s", root)
-        if (root / "checkpoints" / "last.ckpt").exists() and self.config[self.subcommand].get("ckpt_path") is None:
-            log.warning(
-                "%s already holds a run: this one starts over and replaces its metrics.csv and adapter; "
-                "to continue it instead, add --ckpt_path last (or pick another --trainer.default_root_dir)",
-                root,
-            )
+        log.info("run directory: %s", self.trainer.default_root_dir)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         root = Path(config["default_root_dir"])
         subcommand_config = self.config[self.subcommand] if self.subcommand else self.config
+        fitting = self.subcommand == "fit"
         if config.get("logger") in (None, True):
-            loggers = [RunCSVLogger(save_dir=root, name="", version="", keep_until_step=self._resumed_step(root))]
-            if subcommand_config.get("wandb"):
-                from lightning.pytorch.loggers import WandbLogger
-
-                resolved = yaml.safe_load(self._parser(self.subcommand).dump(subcommand_config, skip_none=False))
-                loggers.append(
-                    WandbLogger(project=subcommand_config.wandb_project, name=root.name, save_dir=root, config=resolved)
-                )
-            config["logger"] = loggers
+            # validate, test and predict print their results and leave the run directory alone
+            config["logger"] = self._run_loggers(root, subcommand_config) if fitting else False
+        if not fitting:
+            return super()._instantiate_trainer(config, callbacks)
         if subcommand_config.get("wandb"):
             callbacks.append(SampleGenerations())  # a table of answers to fixed validation prompts
         # save_top_k=1: Lightning only refreshes last.ckpt when it saves a regular checkpoint too; checkpoints
@@ -76,38 +128,84 @@ class AlignmentCLI(LightningCLI):
         callbacks.append(
             RunCheckpoint(
                 dirpath=root / "checkpoints",
+                adapter_dir=root / "adapter",
                 save_last=True,
                 save_top_k=1,
                 save_on_exception=True,
                 enable_version_counter=False,  # a rerun replaces last.ckpt instead of adding last-v1.ckpt
             )
         )
-        callbacks.append(AdapterExport(root / "adapter"))
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
 
-    def _resumed_step(self, root: Path) -> int | None:
-        """The step of the checkpoint this run resumes from, if it resumes."""
-        ckpt_path = (self.config[self.subcommand] if self.subcommand else self.config).get("ckpt_path")
-        if ckpt_path is None:
-            return None
-        path = root / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-        return checkpoint_step(path) if path.is_file() else None
+    def _run_loggers(self, root: Path, subcommand_config) -> list:
+        loggers = [RunCSVLogger(save_dir=root, name="", version="", keep_until_step=self._resumed_from)]
+        if subcommand_config.get("wandb"):
+            from lightning.pytorch.loggers import WandbLogger
+
+            resolved = yaml.safe_load(self._parser(self.subcommand).dump(subcommand_config, skip_none=False))
+            loggers.append(
+                WandbLogger(project=subcommand_config.wandb_project, name=root.name, save_dir=root, config=resolved)
+            )
+        return loggers
 
 
-def run_cli(argv: list[str] | None) -> AlignmentCLI:
-    return AlignmentCLI(
-        PreferenceModule,
-        PreferenceDataModule,
-        parser_class=AlignmentParser,
-        subclass_mode_model=True,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=42,
-        # the data module shards the training pairs itself: Lightning's sampler would change their order on resume
-        trainer_defaults={"max_epochs": 1, "log_every_n_steps": 1, "use_distributed_sampler": False},
-        args=argv,
-    )
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def ignore_split_of_local_file(data) -> None:
+    """A hub config run on a local file: its split name means nothing there, and reading the same file again would
+    validate on the training pairs. Set here, before the data module is built, so the saved config says so too."""
+    if data.get("val_split") is None or data.get("val_path") is not None or data.get("path") is None:
+        return
+    if Path(data.path).exists():
+        log.warning(
+            "--data.val_split %r ignored: %s is a local file, not a hub dataset; holding out --data.val_fraction %s "
+            "of it instead (or name a file with --data.val_path); saved as val_split: null",
+            data.val_split, data.path, data.val_fraction,
+        )  # fmt: skip
+        data.val_split = None
+
+
+def last_checkpoint(root: Path) -> Path:
+    path = root / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise RunDirError(
+            f"--ckpt_path last: {path} does not exist, there is no run to continue in {root}; "
+            "leave out --ckpt_path to start one"
+        )
+    return path
+
+
+def check_fit_dir(root: Path, config) -> None:
+    """Starting over in a directory that holds a run is a choice made explicitly."""
+    resuming = config.get("ckpt_path") is not None
+    if resuming and config.get("overwrite"):
+        raise RunDirError("--overwrite true starts the run over and --ckpt_path continues it: give one of them")
+    if not resuming and not config.get("overwrite") and holds_run(root):
+        raise RunDirError(
+            f"{root} already holds a run: add --ckpt_path last to continue it, or --overwrite true to start it "
+            "over, or choose another --trainer.default_root_dir"
+        )
+
+
+def run_cli(argv: list[str] | None) -> AlignmentCLI | None:
+    try:
+        return AlignmentCLI(
+            PreferenceModule,
+            PreferenceDataModule,
+            parser_class=AlignmentParser,
+            subclass_mode_model=True,
+            auto_configure_optimizers=False,
+            save_config_callback=RunStart,
+            seed_everything_default=42,
+            # the data module shards the training pairs itself: Lightning's sampler would change their order on resume
+            trainer_defaults={"max_epochs": 1, "log_every_n_steps": 1, "use_distributed_sampler": False},
+            args=argv,
+        )
+    except RunFinished as finished:
+        print(finished, file=sys.stderr)
+        return None

@@ -13,4 +13,13 @@ class ConfigError(ValueError):
     """A setting out of its range, or settings that contradict each other; the message names the flag."""
 
 
-USER_ERRORS = (DataError, ModelLoadError, ConfigError)
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked: in use, holding another run, a damaged or missing checkpoint,
+    a full disk. The message names the directory or file and what to do."""
+
+
+class RunFinished(Exception):
+    """`--ckpt_path last` on a run that already reached the end of its schedule: nothing to train, not an error."""
+
+
+USER_ERRORS = (DataError, ModelLoadError, ConfigError, RunDirError)

@@ -4,6 +4,7 @@ continue a run with another model, data or method."""
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import random
 from pathlib import Path
@@ -12,10 +13,13 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
-from alignment.errors import ConfigError
+from alignment.errors import ConfigError, RunDirError
 from alignment.files import atomic_write
+from alignment.rundir import write_error
 
 log = logging.getLogger(__name__)
 
@@ -24,33 +28,116 @@ log = logging.getLogger(__name__)
 MAY_CHANGE = {"gradient_checkpointing", "reference_cache", "reference_cache_dir", "lean_logps", "logits_chunk_size"}
 
 
+class _RunWriter(ExperimentWriter):
+    """Lightning's CSV writer without its clean-up: it deletes metrics.csv (and warns so) as soon as it is created,
+    before anything is known about the run; RunCSVLogger.start decides instead."""
+
+    def _check_log_dir_exists(self) -> None:
+        pass
+
+
 class RunCSVLogger(CSVLogger):
-    """CSVLogger that, resuming a run, keeps the rows logged up to the checkpoint's step; Lightning's writer would
-    delete metrics.csv. Rows after that step are dropped: the resumed run logs those steps again."""
+    """CSVLogger that writes nothing until training really starts (`start()`, called by the run at train start), so a
+    run that fails or is refused before that leaves an earlier run's metrics.csv as it was. Resuming, it keeps the
+    rows logged up to the checkpoint's step and drops later ones (the resumed run logs those steps again); starting
+    afresh, it replaces the file. No hparams.yaml: the run's config.yaml holds them."""
 
     def __init__(self, *args, keep_until_step: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._kept: list[dict[str, str]] = []
-        path = Path(self.log_dir) / "metrics.csv"
-        if keep_until_step is not None and path.is_file():
-            with path.open(newline="") as file:
-                rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
-            self._kept = [row for row in rows if int(float(row.get("step", "inf"))) <= keep_until_step]
+        self.keep_until_step = keep_until_step
+        self.started = False
+
+    @property
+    def metrics_file(self) -> Path:
+        return Path(self.log_dir) / _RunWriter.NAME_METRICS_FILE
 
     @property
     @rank_zero_experiment
-    def experiment(self):
-        fresh = self._experiment is None
-        writer = super().experiment
-        if fresh and self._kept:
-            writer.metrics[:0] = self._kept  # written with the first new rows, under one header
-            self._kept = []
-        return writer
+    def experiment(self) -> _RunWriter:
+        if self._experiment is None:
+            self._experiment = _RunWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    @rank_zero_only
+    def start(self) -> None:
+        rows = self._kept_rows()
+        header = sorted(set().union(*rows)) if rows else []
+        try:
+            if rows:
+                atomic_write(self.metrics_file, lambda handle: _write_rows(handle, header, rows))
+            else:
+                self.metrics_file.unlink(missing_ok=True)
+        except OSError as err:
+            raise write_error(err, self.metrics_file) from err
+        self.experiment.metrics_keys = header
+        self.started = True
+
+    def _kept_rows(self) -> list[dict[str, str]]:
+        if self.keep_until_step is None or not self.metrics_file.is_file():
+            return []
+        with self.metrics_file.open(newline="") as file:
+            rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
+        return [row for row in rows if int(float(row.get("step", "inf"))) <= self.keep_until_step]
+
+    @rank_zero_only
+    def log_hyperparams(self, params=None) -> None:
+        pass
+
+    @rank_zero_only
+    def save(self) -> None:
+        if not self.started:
+            return
+        try:
+            super().save()
+        except OSError as err:
+            raise write_error(err, self.metrics_file) from err
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        try:
+            self.save()
+        except RunDirError:
+            if status != "failed":
+                raise
+            # the error that stopped the run is the one to report; a resume logs these steps again
+
+
+def _write_rows(handle, header: list[str], rows: list[dict[str, str]]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+    handle.write(text.getvalue().encode())
 
 
 def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint was saved at; a RunDirError naming the file (and another one to use) when it is
+    damaged."""
+    try:
+        return _read_step(Path(path))
+    except Exception as err:  # a truncated zip, garbage, a missing key: torch says OSError, RuntimeError, ...
+        raise damaged_checkpoint(Path(path), err) from err
+
+
+def _read_step(path: Path) -> int:
     # mmap: only the few bytes of the step are read, not the adapters and optimizer state
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def damaged_checkpoint(path: Path, err: BaseException) -> RunDirError:
+    """The error for a checkpoint that cannot be read, naming the readable checkpoint beside it, if there is one."""
+    readable = []
+    for other in sorted(path.parent.glob("*.ckpt")):
+        if other != path:
+            try:
+                readable.append((_read_step(other), str(other)))
+            except Exception:
+                continue
+    hint = "no other checkpoint in the directory: start the run over with --overwrite true"
+    if readable:
+        step, other = max(readable)
+        hint = f"{other} (step {step}) is readable: resume from it with --ckpt_path {other}"
+    return RunDirError(f"{path} is damaged, not a readable checkpoint ({type(err).__name__}); {hint}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -62,6 +149,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         atomic_write(Path(path), lambda handle: torch.save(checkpoint, handle))
+
+    def load_checkpoint(self, path, *args, **kwargs) -> dict:
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except FileNotFoundError as err:
+            raise RunDirError(f"checkpoint {path} does not exist") from err
+        except Exception as err:
+            raise damaged_checkpoint(Path(path), err) from err
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,14 +1,20 @@
-"""A finished or running run directory, as the after-training commands read it."""
+"""A run directory: as the after-training commands read it, and what a fit may do to it (lock it, start it over,
+replace its adapter)."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
-from alignment.errors import ConfigError
+from alignment.errors import ConfigError, RunDirError
 
 ADAPTER_FILE = "adapter_config.json"
 
@@ -88,3 +94,107 @@ def base_of(adapter: Path, base: str | None, revision: str | None) -> tuple[str,
     if revision is None and base == trained.get("base"):
         revision = trained.get("revision")
     return base, revision, trained
+
+
+# ---- what a fit does to its run directory ------------------------------------------------------------------------
+
+LOCK_FILE = "fit.lock"
+RUN_FILES = ("config.yaml", "metrics.csv", "hparams.yaml", "adapter")  # a run's own files, beside checkpoints/*.ckpt
+
+
+def holds_run(path: Path) -> bool:
+    """Whether a fit has trained in `path`: it left a config, metrics, an adapter or a checkpoint."""
+    run_files = any((path / name).exists() for name in RUN_FILES)
+    return run_files or any((path / "checkpoints").glob("*.ckpt"))
+
+
+def lock_run(path: Path) -> IO[str]:
+    """Hold `path` for this fit until the process ends (a crash or a kill too: the OS drops the lock); a second fit
+    into it is refused at once. Keep the returned file open as long as the fit runs."""
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunDirError(
+            f"{path} is in use by another fit (pid {pid}): wait for it to end, or choose another "
+            "--trainer.default_root_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def clear_run(path: Path) -> None:
+    """Remove an earlier run's files (`--overwrite true`), once the new run has started training."""
+    for name in RUN_FILES:
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    for checkpoint in (path / "checkpoints").glob("*.ckpt"):
+        checkpoint.unlink()
+
+
+def stage_adapter(pl_module, adapter: Path) -> Path | None:
+    """Write the module's PEFT adapter into a temp directory beside `adapter`, flushed to disk; None without one."""
+    policy = getattr(pl_module, "policy", None)
+    if policy is None:
+        return None
+    adapter.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=adapter.parent, prefix=f".{adapter.name}."))
+    try:
+        policy.save_pretrained(staged)
+        for file in staged.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+    except BaseException:
+        discard_adapter(staged)
+        raise
+    return staged
+
+
+def commit_adapter(staged: Path, adapter: Path) -> None:
+    """Put a staged adapter in place of `adapter`: two renames, so a reader finds the old one or the new one."""
+    os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes a private directory
+    old = None
+    if adapter.exists():
+        old = adapter.with_name(f".{adapter.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(adapter, old)
+    os.replace(staged, adapter)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard_adapter(staged: Path) -> None:
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+def write_error(err: OSError, path: str | Path, saved_step: int | None = None) -> RunDirError:
+    """One line for a write that failed in a run directory: a full disk, a read-only or forbidden directory."""
+    reason = "no space left on the device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or str(err)
+    kept = f"; last.ckpt and adapter/ stay at step {saved_step}" if saved_step else ""
+    return RunDirError(
+        f"cannot write {path}: {reason}{kept}. Free space (or fix the permissions), then continue with --ckpt_path last"
+    )
+
+
+def _fsync(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,11 +1,11 @@
-"""Run-directory callbacks: last.ckpt at the final step, adapter export."""
+"""The run's checkpoint callback: last.ckpt at the final step, the adapter saved with it."""
 
 import lightning as L
 import torch
 from safetensors.torch import load_file
 
 from alignment import ORPO, PreferenceDataModule
-from alignment.callbacks import AdapterExport, RunCheckpoint
+from alignment.callbacks import RunCheckpoint
 from tests.helpers import synthetic_pairs, write_jsonl
 
 
@@ -13,10 +13,12 @@ def test_last_checkpoint_and_adapter_hold_the_final_step_when_stopping_between_s
     pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(40, seed=0))
     data = PreferenceDataModule(str(pairs), max_length=64, batch_size=2, val_fraction=0.1)  # 18 steps an epoch
     module = ORPO(base="tiny", load_in_4bit=False, learning_rate=1e-2)
-    checkpoints = RunCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=1)
+    checkpoints = RunCheckpoint(
+        dirpath=tmp_path / "checkpoints", adapter_dir=tmp_path / "adapter", save_last=True, save_top_k=1
+    )
     trainer = L.Trainer(
         max_steps=13, val_check_interval=5, logger=False, enable_progress_bar=False,
-        callbacks=[checkpoints, AdapterExport(tmp_path / "adapter")],
+        callbacks=[checkpoints],
     )  # fmt: skip
     trainer.fit(module, data)
 
