@@ -88,6 +88,7 @@ COLUMNS = """a mapping of field (prompt, chosen, rejected, system) to the data's
         (["--trainer.max_epochs", "abc"], "error: --trainer.max_epochs: expected one of [int, None], got abc"),
         (["--model.beta", "abc"], "error: --model.beta: expected a float. Got value: abc"),
         (["--trainer.bogus", "1"], "error: unrecognized arguments: --trainer.bogus 1 (see python cli.py fit --help)"),
+        (["--config", "nothere.yaml"], f"error: --config: File does not exist: '{ROOT / 'nothere.yaml'}'"),
     ],
 )
 def test_a_bad_fit_flag_is_one_line(tmp_path, args, expected):
