@@ -104,6 +104,7 @@ def test_a_bad_fit_flag_is_one_line(tmp_path, args, expected):
         (["compare", "--prompts", "p.txt", "--max-new-tokens", "many"],
          "error: argument --max-new-tokens: invalid int value: 'many' (see python cli.py compare --help)"),
         (["merge", "runs/x"], "error: the following arguments are required: --out (see python cli.py merge --help)"),
+        (["report", "runs/x", "--bogus"], "error: unrecognized arguments: --bogus (see python cli.py report --help)"),
     ],
 )  # fmt: skip
 def test_a_bad_flag_after_training_is_one_line(args, expected):
