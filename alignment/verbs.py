@@ -143,6 +143,7 @@ def run_verb(argv: list[str]) -> bool:
     if not argv or argv[0] not in VERBS:
         return False
     parser = build_parser()
+    parser.prog = f"cli.py {argv[0]}"  # the verb is known: an unrecognized flag points to the verb's --help
     if argv[0] == "sweep":  # flags it does not know go to each fit
         args, extra = parser.parse_known_args(argv)
     else:

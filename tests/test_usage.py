@@ -88,6 +88,7 @@ COLUMNS = """a mapping of field (prompt, chosen, rejected, system) to the data's
         (["--trainer.max_epochs", "abc"], "error: --trainer.max_epochs: expected one of [int, None], got abc"),
         (["--model.beta", "abc"], "error: --model.beta: expected a float. Got value: abc"),
         (["--trainer.bogus", "1"], "error: unrecognized arguments: --trainer.bogus 1 (see python cli.py fit --help)"),
+        (["--config", "nothere.yaml"], f"error: --config: File does not exist: '{ROOT / 'nothere.yaml'}'"),
     ],
 )
 def test_a_bad_fit_flag_is_one_line(tmp_path, args, expected):
@@ -103,6 +104,7 @@ def test_a_bad_fit_flag_is_one_line(tmp_path, args, expected):
         (["compare", "--prompts", "p.txt", "--max-new-tokens", "many"],
          "error: argument --max-new-tokens: invalid int value: 'many' (see python cli.py compare --help)"),
         (["merge", "runs/x"], "error: the following arguments are required: --out (see python cli.py merge --help)"),
+        (["report", "runs/x", "--bogus"], "error: unrecognized arguments: --bogus (see python cli.py report --help)"),
     ],
 )  # fmt: skip
 def test_a_bad_flag_after_training_is_one_line(args, expected):
