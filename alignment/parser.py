@@ -40,7 +40,7 @@ class AlignmentParser(LightningArgumentParser):
     def parse_args(self, *args: Any, **kwargs: Any) -> Namespace:
         config = super().parse_args(*args, **kwargs)
         if config.get("subcommand"):
-            check_settings(config[config.subcommand])
+            check_settings(config[config.subcommand], fitting=config.subcommand == "fit")
         return config
 
 
@@ -71,8 +71,11 @@ def _plain(text: str) -> str:
     return text.replace("NoneType", "None")
 
 
-def check_settings(config: Namespace) -> None:
-    """Settings of fit or validate that are wrong whatever the data and model: refused before either loads."""
+def check_settings(config: Namespace, fitting: bool = True) -> None:
+    """Settings of fit or validate that are wrong whatever the data and model: refused before either loads.
+
+    Only fit writes to the run directory: validate reads a run, read-only ones included.
+    """
     accumulate = config.trainer.get("accumulate_grad_batches")
     if isinstance(accumulate, int) and accumulate < 1:
         raise ConfigError(f"--trainer.accumulate_grad_batches must be at least 1, got {accumulate}")
@@ -80,7 +83,7 @@ def check_settings(config: Namespace) -> None:
     unknown = sorted(set(columns or {}) - set(FIELDS))
     if unknown:
         raise ConfigError(f"--data.columns: unknown field {unknown[0]!r}; {COLUMNS_HINT}")
-    if config.trainer.get("default_root_dir") is not None:
+    if fitting and config.trainer.get("default_root_dir") is not None:
         check_writable(config.trainer.default_root_dir, "--trainer.default_root_dir")
     if config.get("wandb"):
         check_wandb_login()

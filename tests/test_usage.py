@@ -199,7 +199,6 @@ def run_in_read_only(directory: Path, *args: str) -> subprocess.CompletedProcess
     ("verb", "flag"),
     [
         (["fit", "--config", "demo.yaml"], "--trainer.default_root_dir"),
-        (["validate", "--config", "demo.yaml"], "--trainer.default_root_dir"),
         (["report", "runs/x"], "--out"),
         (["compare", "--prompts", "p.txt"], "--out"),
         (["merge", "runs/x"], "--out"),
