@@ -291,8 +291,9 @@ class DPO(PreferenceModule):
     Args:
         loss_type: sigmoid (DPO), hinge (SLiC), ipo (IPO, its loss on per-token mean logps) or robust (rDPO).
         label_smoothing: assumed share of flipped labels (conservative DPO for sigmoid, rDPO for robust).
-        reference_cache: compute the reference log-probs of every pair once before training and keep them on
-            disk for later runs on the same model and data; false: a reference forward in every step.
+        reference_cache: compute the reference log-probs once before training and keep them on disk for later
+            runs on the same model and data (a short run computes only the pairs its steps read, a longer one adds
+            the rest); false: a reference forward in every step.
         reference_cache_dir: where the cache lives; None: `reference/` in the alignment cache
             (`$ALIGNMENT_CACHE`, default ~/.cache/alignment).
     """
