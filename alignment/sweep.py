@@ -184,7 +184,8 @@ def fit_in_child(run: SweepRun, config_hash: str) -> int:
     run.path.mkdir(parents=True, exist_ok=True)
     _write_marker(run, config_hash, "running")
     command = [sys.executable, "-c", "from alignment.cli import main; main()", *run.args]
-    command += ["--ckpt_path", "last"] if resume else []
+    # a run whose arguments or config changed, or that stopped before its first checkpoint, starts over
+    command += ["--ckpt_path", "last"] if resume else ["--overwrite", "true"]
     env = os.environ.copy()  # the child imports this same package, wherever the sweep is started from
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     with open(run.path / "fit.log", "a" if resume else "w") as output:
