@@ -152,3 +152,12 @@ def test_sweep_runs_each_combination_once_and_resumes_an_interrupted_one(tmp_pat
     statuses = [r["status"] for r in table_rows(out / "sweep.csv")]
     assert statuses == ["finished (earlier)", "finished"]
     assert "Restoring states from the checkpoint path" in (second / "fit.log").read_text()  # --ckpt_path last
+
+    # as if the first run had been trained with other arguments: it starts over in its own directory
+    first = out / rows[0]["run"]
+    marker = json.loads((first / MARKER).read_text())
+    (first / MARKER).write_text(json.dumps(marker | {"args": [*marker["args"], "--model.beta", "0.3"]}))
+    main(args)
+    statuses = [r["status"] for r in table_rows(out / "sweep.csv")]
+    assert statuses == ["finished", "finished (earlier)"]
+    assert "Restoring states" not in (first / "fit.log").read_text()
