@@ -141,6 +141,7 @@ def test_a_refused_resume_leaves_the_run_as_it_was(copy_of_finished, flags, mess
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_rerun_needs_overwrite_and_nothing_goes_before_the_new_run_trains(copy_of_finished, tmp_path):
     run, before = copy_of_finished, snapshot(copy_of_finished)
     line = error_line(cli("fit", *DEMO, "--trainer.default_root_dir", str(run), "--trainer.max_steps", "2"))
@@ -153,6 +154,15 @@ def test_a_rerun_needs_overwrite_and_nothing_goes_before_the_new_run_trains(copy
                           "--data.path", str(bad)))  # fmt: skip
     assert "bad.jsonl" in line and "chosen" in line
     assert snapshot(run) == before  # a rerun that fails before training deletes nothing
+
+    interrupted = start_cli("fit", *DEMO, "--trainer.default_root_dir", str(run), "--overwrite", "true")
+    deadline = time.monotonic() + 120
+    while str(interrupted.pid) not in (run / LOCK_FILE).read_text():  # it holds the directory, has not trained
+        assert interrupted.poll() is None and time.monotonic() < deadline, "the fit did not start"
+        time.sleep(0.05)
+    interrupted.send_signal(signal.SIGINT)  # Ctrl-C while it loads the model and tokenizes
+    interrupted.communicate(timeout=120)
+    assert snapshot(run) == before
 
     result = cli("fit", *DEMO, "--trainer.default_root_dir", str(run), "--overwrite", "true",
                  "--trainer.max_steps", "4")  # fmt: skip
