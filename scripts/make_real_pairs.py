@@ -78,7 +78,7 @@ def pairs(rng: random.Random, same_module: bool = False) -> list[dict[str, str]]
     modules = documented_functions()
     every = {name: text for functions in modules.values() for name, text in functions.items()}
     rows = []
-    for module, functions in modules.items():
+    for functions in modules.values():
         pool = functions if same_module else {n: t for n, t in every.items() if n not in functions}
         for name, text in functions.items():
             others = sorted((abs(len(t) - len(text)), n) for n, t in pool.items() if n != name)
