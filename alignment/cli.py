@@ -52,7 +52,7 @@ class RunStart(SaveConfigCallback):
         config = self.config.clone()
         config.ckpt_path, config.overwrite = None, False
         text = self.parser.dump(config, skip_none=False)
-        path = Path(trainer.log_dir or root) / self.config_filename
+        path = root / self.config_filename  # (trainer.log_dir is a collective: this runs on process 0 only)
         try:
             atomic_write(path, lambda handle: handle.write(text.encode()))
         except OSError as err:
