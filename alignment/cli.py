@@ -21,7 +21,7 @@ from alignment.model import resolve_base
 from alignment.modules import PreferenceModule
 from alignment.parser import AlignmentParser
 from alignment.resume import AtomicCheckpointIO, RunCSVLogger, checkpoint_step
-from alignment.rundir import clear_run, holds_run, lock_run, write_error
+from alignment.rundir import clear_run, holds_run, lock_run, release_runs, write_error
 from alignment.usage import CONFIG_DIR, TRAINING_VERBS, main, resolve_config_args, user_error
 
 __all__ = ["CONFIG_DIR", "AlignmentCLI", "main", "resolve_config_args", "run_cli", "user_error"]
@@ -104,7 +104,7 @@ class AlignmentCLI(LightningCLI):
         elif config.get("ckpt_path") is not None and config.ckpt_path not in CKPT_KEYWORDS:
             self._resumed_from = checkpoint_step(config.ckpt_path) if self.subcommand == "fit" else None
         if self.subcommand == "fit" and rank_zero_only.rank == 0:  # the other processes of a DDP run join this one
-            self._lock = lock_run(root)
+            lock_run(root)
             check_fit_dir(root, config)
 
     def before_fit(self) -> None:
@@ -209,3 +209,5 @@ def run_cli(argv: list[str] | None) -> AlignmentCLI | None:
     except RunFinished as finished:
         print(finished, file=sys.stderr)
         return None
+    finally:
+        release_runs()

@@ -108,9 +108,12 @@ def holds_run(path: Path) -> bool:
     return run_files or any((path / "checkpoints").glob("*.ckpt"))
 
 
+_held: list[IO[str]] = []  # the locks this process holds, released by `release_runs` when its fit returns
+
+
 def lock_run(path: Path) -> IO[str]:
-    """Hold `path` for this fit until the process ends (a crash or a kill too: the OS drops the lock); a second fit
-    into it is refused at once. Keep the returned file open as long as the fit runs."""
+    """Hold `path` for this fit until `release_runs` or the process ends (a crash or a kill too: the OS drops the
+    lock); a second fit into it is refused at once."""
     path.mkdir(parents=True, exist_ok=True)
     handle = open(path / LOCK_FILE, "a+")
     try:
@@ -127,7 +130,15 @@ def lock_run(path: Path) -> IO[str]:
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
+    _held.append(handle)
     return handle
+
+
+def release_runs() -> None:
+    """Release the run directories this process locked: the next fit in the same process (a notebook, a test) may
+    use them again."""
+    while _held:
+        _held.pop().close()  # closing the file drops its flock
 
 
 def clear_run(path: Path) -> None:

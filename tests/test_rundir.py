@@ -225,6 +225,15 @@ def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
     lock_run(tmp_path).close()
 
 
+def test_a_fit_in_the_same_process_may_use_the_directory_again_once_the_first_has_returned(tmp_path):
+    from alignment.cli import main
+
+    run = str(tmp_path / "run")
+    main(["fit", *DEMO, "--trainer.default_root_dir", run, "--trainer.max_steps", "1"])
+    main(["fit", *DEMO, "--trainer.default_root_dir", run, "--trainer.max_steps", "1", "--overwrite", "true"])
+    assert step_of(tmp_path / "run" / "checkpoints" / "last.ckpt") == 1
+
+
 def test_a_full_disk_stops_in_one_line_with_adapter_and_checkpoint_at_the_same_step(tmp_path):
     run = tmp_path / "run"
     env = {"PYTHONPATH": str(ROOT / "tests" / "diskfull"), "DISKFULL_DIR": str(run), "DISKFULL_AFTER_STEP": "3"}
