@@ -161,7 +161,8 @@ def _write_many(directory, times):
 def test_concurrent_writers_never_leave_a_broken_entry(tmp_path):
     cache = ReferenceCache(tmp_path)
     _write_many(tmp_path, 1)
-    writers = [multiprocessing.get_context("fork").Process(target=_write_many, args=(tmp_path, 40)) for _ in range(2)]
+    # spawn, not fork: a child forked after the parent's OpenMP threads ran can hang in its first parallel torch op
+    writers = [multiprocessing.get_context("spawn").Process(target=_write_many, args=(tmp_path, 40)) for _ in range(2)]
     for writer in writers:
         writer.start()
     reads = 0
