@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
 from alignment.callbacks import RunCheckpoint
-from alignment.data import PreferenceDataModule
+from alignment.data import PreferenceDataModule, usable_val_split
 from alignment.errors import RunDirError, RunFinished
 from alignment.files import atomic_write
 from alignment.generations import SampleGenerations
@@ -94,7 +94,9 @@ class AlignmentCLI(LightningCLI):
             config.trainer.default_root_dir = str(Path("runs") / name)
         # the base is checked before anything prints or is built: a wrong --model.base is one line, at once
         resolve_base(config.model.init_args.base, config.model.init_args.get("revision"))
-        ignore_split_of_local_file(config.data)
+        # set before the data module is built, so that the saved config.yaml says what the run did
+        data = config.data
+        data.val_split = usable_val_split(data.get("path"), data.val_split, data.get("val_path"), data.val_fraction)
         root = Path(config.trainer.default_root_dir)
         self._resumed_from: int | None = None
         if config.get("ckpt_path") == "last":
@@ -108,8 +110,6 @@ class AlignmentCLI(LightningCLI):
             check_fit_dir(root, config)
 
     def before_fit(self) -> None:
-        # the model is checked before the data is read: a missing base fails at once, not after tokenizing
-        resolve_base(self.model.hparams.base, self.model.hparams.revision)
         log.info("run directory: %s", self.trainer.default_root_dir)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
@@ -154,20 +154,6 @@ class AlignmentCLI(LightningCLI):
 
 
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
-
-
-def ignore_split_of_local_file(data) -> None:
-    """A hub config run on a local file: its split name means nothing there, and reading the same file again would
-    validate on the training pairs. Set here, before the data module is built, so the saved config says so too."""
-    if data.get("val_split") is None or data.get("val_path") is not None or data.get("path") is None:
-        return
-    if Path(data.path).exists():
-        log.warning(
-            "--data.val_split %r ignored: %s is a local file, not a hub dataset; holding out --data.val_fraction %s "
-            "of it instead (or name a file with --data.val_path); saved as val_split: null",
-            data.val_split, data.path, data.val_fraction,
-        )  # fmt: skip
-        data.val_split = None
 
 
 def last_checkpoint(root: Path) -> Path:

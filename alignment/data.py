@@ -181,6 +181,19 @@ def build_pairs(
     return pairs
 
 
+def usable_val_split(path: str | None, val_split: str | None, val_path: str | None, val_fraction: float) -> str | None:
+    """`val_split`, or None (with a warning) for a hub config run on a local file: a split name means nothing there,
+    and reading the same file again would validate on the training pairs; `val_fraction` of it is held out instead."""
+    if val_split is None or val_path is not None or path is None or not Path(path).exists():
+        return val_split
+    log.warning(
+        "--data.val_split %r ignored: %s is a local file, not a hub dataset; holding out --data.val_fraction %s "
+        "of it instead (or name a file with --data.val_path); saved as val_split: null",
+        val_split, path, val_fraction,
+    )  # fmt: skip
+    return None
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs from a file (JSONL, JSON, Parquet, CSV) or a `datasets` hub name.
 
@@ -232,15 +245,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 raise ConfigError(f"--data.{flag} must be at least 1, got {value}")
         if num_workers < 0:
             raise ConfigError(f"--data.num_workers must be 0 or more, got {num_workers}")
-        if val_split is not None and val_path is None and path is not None and Path(path).exists():
-            # a hub config run on a local file: its split name means nothing here, and reading the same file
-            # again would validate on the training pairs
-            log.warning(
-                "--data.val_split %r ignored: %s is a local file, not a hub dataset; holding out "
-                "--data.val_fraction %s of it instead (or name a file with --data.val_path)",
-                val_split, path, val_fraction,
-            )  # fmt: skip
-            val_split = None
+        val_split = usable_val_split(path, val_split, val_path, val_fraction)
         self.save_hyperparameters()
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
