@@ -9,8 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from alignment.errors import DataError  # noqa: E402
-from alignment.report import (  # noqa: E402
+from alignment.commands.report import (  # noqa: E402
     PLOTTED,
     Curves,
     _draw,
@@ -19,6 +18,7 @@ from alignment.report import (  # noqa: E402
     read_curves,
     run_labels,
 )
+from alignment.errors import DataError  # noqa: E402
 from alignment.rundir import RunDir  # noqa: E402
 from alignment.usage import main  # noqa: E402
 from tests.demo_runs import demo_run  # noqa: E402
