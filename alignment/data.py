@@ -21,9 +21,10 @@ from transformers import PreTrainedTokenizerBase
 
 from alignment.encoding import tokenize_rows
 from alignment.errors import ConfigError
-from alignment.model import TINY, load_tokenizer
+from alignment.model import load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
 from alignment.samplers import PairBatchSampler
+from alignment.tiny import TINY
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from alignment.data import (
     truncate_pair,
 )
 from alignment.encoding import render_pair, tokenize_rows
-from alignment.model import build_tiny_tokenizer, load_tokenizer
+from alignment.model import load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
+from alignment.tiny import build_tiny_tokenizer
 from tests.helpers import synthetic_pairs, write_jsonl
 
 BOS, EOS, PAD = 1, 2, 3

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from alignment.model import ModelLoadError, add_lora, build_tiny_model, load_base, load_tokenizer
+from alignment.model import ModelLoadError, add_lora, load_base, load_tokenizer
+from alignment.tiny import build_tiny_model
 from tests.helpers import literal_batch
 
 

@@ -16,8 +16,9 @@ from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
 from alignment.errors import ConfigError
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.metrics import MeanTracker
-from alignment.model import TINY, add_lora, load_base
+from alignment.model import add_lora, load_base
 from alignment.resume import check_resume, rng_states, run_identity, set_rng_state
+from alignment.tiny import TINY
 
 Split = Literal["train", "validation"]
 log = logging.getLogger(__name__)
