@@ -7,6 +7,7 @@ import torch
 
 from alignment import CPO, DPO, PreferenceDataModule, SimPO
 from tests.helpers import SignalAtStep, synthetic_pairs, write_jsonl
+from tests.test_ddp import fit_cli
 from tests.test_resume import assert_same_adapters, run
 
 LEARNERS = [  # (method, its knobs)
@@ -70,3 +71,20 @@ def test_bco_pair_checkpoint_holds_the_reward_mean_and_resume_needs_it(pairs, tm
     torch.save(checkpoint, last)
     _, adapters = run(DPO, pairs, tmp_path / "split", max_steps=7, ckpt_path=str(last), loss_type="bco_pair")
     assert any(not torch.equal(adapters[n], uninterrupted[n]) for n in adapters)
+
+
+@pytest.mark.slow
+def test_bco_pair_reward_mean_under_two_processes_equals_one_process_of_twice_the_batch(tmp_path):
+    # each process adds every process's rewards (gathered): the mean is the same as one process's over batch 2b
+    common = ["--config", "demo_dpo.yaml", "--model.loss_type", "bco_pair", "--trainer.max_steps", "4",
+              "--trainer.limit_val_batches", "0", "--model.lora_dropout", "0.0",
+              "--model.reference_cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    fit_cli(tmp_path / "one", *common, "--data.batch_size", "8")
+    fit_cli(tmp_path / "two", *common, "--data.batch_size", "4", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    one, two = (
+        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["reward_mean"]
+        for run in ("one", "two")
+    )
+    assert one["count"] == two["count"] == 4 * 8 * 2  # 4 steps of 8 pairs, a chosen and a rejected reward each
+    assert two["mean"] == pytest.approx(one["mean"], rel=1e-4, abs=1e-7)
+    assert one["mean"] != 0.0
