@@ -4,9 +4,12 @@ resume bit-exactly."""
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from alignment import CPO, DPO, PreferenceDataModule, SimPO
+from alignment.usage import main
 from tests.helpers import SignalAtStep, synthetic_pairs, write_jsonl
+from tests.test_cli import run_cli
 from tests.test_ddp import fit_cli
 from tests.test_resume import assert_same_adapters, run
 
@@ -37,6 +40,7 @@ def test_held_out_reward_accuracy_rises(tmp_path, cls, knobs):
     trainer.fit(module, data)
     after = {k: v.item() for k, v in trainer.callback_metrics.items()}
 
+    assert {f"val/{name}" for name in module.metric_names} <= after.keys()  # nll_loss too, for all but plain DPO
     assert before["val/rewards/accuracies"] < 0.7  # the random model cannot tell the answers apart
     assert after["val/rewards/accuracies"] >= 0.9
     assert after["val/rewards/margins"] > before["val/rewards/margins"] + 0.01
@@ -88,3 +92,24 @@ def test_bco_pair_reward_mean_under_two_processes_equals_one_process_of_twice_th
     assert one["count"] == two["count"] == 4 * 8 * 2  # 4 steps of 8 pairs, a chosen and a rejected reward each
     assert two["mean"] == pytest.approx(one["mean"], rel=1e-4, abs=1e-7)
     assert one["mean"] != 0.0
+
+
+@pytest.mark.parametrize("method", ["SimPO", "CPO"])
+def test_method_is_selected_by_flag(method, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "demo.yaml", "--model", f"alignment.{method}", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"] == f"alignment.{method}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.loss_type", "exo_pair"], "--model.loss_type exo_pair needs --model.label_smoothing > 0"),
+        (["--model", "alignment.SimPO", "--model.cpo_alpha", "-0.5"], "--model.cpo_alpha must be >= 0, got -0.5"),
+    ],
+)
+def test_a_bad_knob_is_one_line_and_exit_2(args, message, tmp_path):
+    result = run_cli("fit", "--config", "demo_dpo.yaml", "--trainer.default_root_dir", str(tmp_path), *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
