@@ -144,24 +144,22 @@ def test_orpo_starts_from_the_adapters_weights(trained, batch):
 
 
 def test_the_reference_cache_of_the_bare_base_is_never_read_for_an_adapter(trained, pairs, tmp_path):
-    bare_trainer, bare = fit(DPO, pairs, tmp_path / "bare", max_steps=1, lora_r=4, lora_alpha=8)
+    _, bare = fit(DPO, pairs, tmp_path / "bare", max_steps=1, lora_r=4, lora_alpha=8)
     other = tmp_path / "other-adapter"  # the same adapter, its weights changed
     shutil.copytree(trained, other)
     weights = load_file(other / "adapter_model.safetensors")
     save_file({k: v * 0.5 for k, v in weights.items()}, other / "adapter_model.safetensors")
-    keys, tables = [bare._reference_key], [bare._reference]
+    entries = [torch.load(tmp_path / "bare" / "cache" / f"{bare._reference_key}.pt", weights_only=True)]
     for adapter in (trained, other):
         root = tmp_path / adapter.name
         shutil.copytree(tmp_path / "bare" / "cache", root / "cache")  # the bare base's entry is there
         _, module = fit(DPO, pairs, root, max_steps=1, adapter=str(adapter))
-        keys.append(module._reference_key)
-        tables.append(module._reference)
         assert len(list((root / "cache").glob("*.pt"))) == 2  # its own entry beside the bare base's
-    assert len(set(keys)) == 3
-    for split in ("train", "validation"):
-        computed = [torch.isfinite(t[split]).all(1) for t in tables]
-        both = computed[0] & computed[1]
-        assert both.any() and not torch.equal(tables[0][split][both], tables[1][split][both])
+        entries.append(torch.load(root / "cache" / f"{module._reference_key}.pt", weights_only=True))
+    assert len({entry["fingerprint"] for entry in entries}) == 3
+    bare_rows, adapter_rows = (entry["tables"]["train"] for entry in entries[:2])
+    both = entries[0]["filled"]["train"] & entries[1]["filled"]["train"]  # the same pairs: one step's
+    assert both.sum() >= 4 and torch.all((bare_rows[both, :2] - adapter_rows[both, :2]).abs() > 1e-2)
 
 
 # ---- exact resume ------------------------------------------------------------------------------------------------
