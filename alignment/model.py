@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -17,8 +19,13 @@ from transformers import (
 
 from alignment.errors import ModelLoadError
 from alignment.hub import resolve_base
+from alignment.rundir import ADAPTER_FILE, run_of_adapter
 
 log = logging.getLogger(__name__)
+
+POLICY_ADAPTER = "default"  # peft's name for the adapter a PeftModel is built with: the one trained and saved
+REFERENCE_ADAPTER = "reference"  # a frozen copy of the adapter training started from: DPO's reference
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT writes, newest format first
 
 
 def load_tokenizer(base: str, revision: str | None = None) -> PreTrainedTokenizerBase:
@@ -96,11 +103,7 @@ def add_lora(
     gradient_checkpointing: bool = False,
 ) -> PeftModel:
     """LoRA adapters (PEFT) over a frozen base; gradient checkpointing non-reentrant (the reentrant kind breaks DDP)."""
-    checkpointing_kwargs = {"use_reentrant": False}
-    if getattr(model, "is_loaded_in_4bit", False):
-        _upcast_for_kbit_training(model)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+    _prepare_for_lora(model, gradient_checkpointing)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
@@ -110,6 +113,84 @@ def add_lora(
         raise ModelLoadError(f"cannot put LoRA adapters on {target_modules!r}: {err}") from err
     # from_pretrained leaves the base in eval mode, where transformers skips gradient checkpointing
     return policy.train()
+
+
+def load_lora(
+    model: PreTrainedModel, adapter: str, *, reference: bool = False, gradient_checkpointing: bool = False
+) -> PeftModel:
+    """The LoRA adapter saved in `adapter` over a frozen base, trainable (`POLICY_ADAPTER`); with `reference`, a
+    second, frozen copy of it beside (`REFERENCE_ADAPTER`): one base, two small adapters."""
+    _prepare_for_lora(model, gradient_checkpointing)
+    try:
+        policy = PeftModel.from_pretrained(model, adapter, adapter_name=POLICY_ADAPTER, is_trainable=True)
+        if reference:  # left inactive and frozen; `PreferenceModule.reference_model` switches to it
+            policy.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:  # e.g. target modules or shapes the base does not have
+        raise ModelLoadError(f"--model.adapter {adapter}: does not fit the base: {err}") from err
+    return policy.train()
+
+
+def _prepare_for_lora(model: PreTrainedModel, gradient_checkpointing: bool) -> None:
+    if getattr(model, "is_loaded_in_4bit", False):
+        _upcast_for_kbit_training(model)
+    if gradient_checkpointing:  # non-reentrant: the reentrant kind breaks DDP
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def read_adapter(adapter: str, base: str, revision: str | None = None) -> dict:
+    """The adapter_config.json of `adapter`, a PEFT LoRA adapter directory with its weights, trained on `base`;
+    a ModelLoadError naming --model.adapter otherwise."""
+    path = Path(adapter).expanduser()
+    flag = f"--model.adapter {adapter}"
+    if not path.is_dir():
+        raise ModelLoadError(f"{flag}: no such directory (expected a PEFT adapter, e.g. runs/NAME/adapter)")
+    if not (path / ADAPTER_FILE).is_file():
+        hint = f": pass {path / 'adapter'}" if (path / "adapter" / ADAPTER_FILE).is_file() else ""
+        raise ModelLoadError(f"{flag}: not a PEFT adapter directory (no {ADAPTER_FILE}){hint}")
+    try:
+        config = json.loads((path / ADAPTER_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{flag}: {ADAPTER_FILE} is not readable JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise ModelLoadError(f"{flag}: a {kind or 'unknown'} adapter; only LoRA adapters can be trained here")
+    if adapter_weights(path) is None:
+        raise ModelLoadError(f"{flag}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}) in the directory")
+    named = config.get("base_model_name_or_path")
+    if named is None:
+        log.warning("%s names no base (base_model_name_or_path): assuming it was trained on %s", flag, base)
+    elif not _same_base(path, named, base, revision):
+        raise ModelLoadError(
+            f"{flag} was trained on {named!r} (base_model_name_or_path in its {ADAPTER_FILE}), not on "
+            f"--model.base {base}: pass the base it was trained on"
+        )
+    return config
+
+
+def adapter_weights(adapter: str | Path) -> Path | None:
+    """The weights file of a PEFT adapter directory, or None."""
+    return next((Path(adapter) / f for f in ADAPTER_WEIGHTS if (Path(adapter) / f).is_file()), None)
+
+
+def _same_base(adapter: Path, named: str, base: str, revision: str | None) -> bool:
+    """Whether `named` (an adapter's base_model_name_or_path) is `base`. PEFT records the path the weights were
+    loaded from: for "tiny" or a gguf file, the directory they resolve to; offline, a hub snapshot's directory.
+    The run that saved the adapter (its config.yaml) names the base as given."""
+    run = run_of_adapter(adapter)
+    if run is not None and run.model_args().get("base") == base:
+        return True
+    source = resolve_base(base, revision)
+    if named in (base, source) or _hub_name(named) in (base, _hub_name(source)):
+        return True
+    return Path(named).exists() and Path(named).resolve() == Path(source).resolve()
+
+
+def _hub_name(source: str) -> str:
+    """`org/name` for a hub cache snapshot (`.../models--org--name/snapshots/<commit>`), else `source`."""
+    parts = Path(source).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    return source
 
 
 def _upcast_for_kbit_training(model: PreTrainedModel) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import lightning as L
@@ -16,7 +19,7 @@ from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
 from alignment.errors import ConfigError
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.metrics import MeanTracker
-from alignment.model import add_lora, load_base
+from alignment.model import POLICY_ADAPTER, REFERENCE_ADAPTER, add_lora, load_base, load_lora, read_adapter
 from alignment.resume import check_resume, rng_states, run_identity, set_rng_state
 from alignment.tiny import TINY
 
@@ -24,6 +27,9 @@ Split = Literal["train", "validation"]
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # transformers' names
+# flag -> key in a PEFT adapter_config.json
+_ADAPTER_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                 "lora_target_modules": "target_modules"}  # fmt: skip
 REWARD_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected"]  # fmt: skip
 
@@ -40,6 +46,8 @@ class PreferenceModule(L.LightningModule):
         base: hub name or local path of the base model, a .gguf file, or "tiny" (a random 2-layer Llama built
             offline).
         revision: the hub revision (branch, tag or commit) of `base`; None: the default branch.
+        adapter: a PEFT LoRA adapter directory of this base (e.g. an earlier run's adapter/) to start from; its
+            LoRA settings replace the lora_* ones, and it is DPO's reference (frozen) instead of the bare base.
         load_in_4bit: quantize the base to nf4 with double quantization (pre-quantized bases stay as they are).
         compute_dtype: dtype of the base's computation; "auto": bfloat16 on CUDA, float32 on CPU.
         lora_r: rank of the LoRA matrices.
@@ -60,11 +68,13 @@ class PreferenceModule(L.LightningModule):
     """
 
     metric_names: list[str] = REWARD_METRICS
+    has_reference: bool = False  # a method that scores the reference model (DPO) sets it
 
     def __init__(
         self,
         base: str = TINY,
         revision: str | None = None,
+        adapter: str | None = None,
         load_in_4bit: bool = True,
         compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
         lora_r: int = 16,
@@ -91,6 +101,8 @@ class PreferenceModule(L.LightningModule):
         _check(warmup_steps >= 0, f"--model.warmup_steps must be >= 0, got {warmup_steps}")
         _check(logits_chunk_size is None or logits_chunk_size > 0, "--model.logits_chunk_size must be > 0 or null")
         self.save_hyperparameters()
+        if adapter is not None:
+            self.hparams.update(_lora_of_adapter(self.hparams))
         self.policy: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters, not the base
         self.train_metrics = MeanTracker(self.metric_names)
@@ -111,6 +123,10 @@ class PreferenceModule(L.LightningModule):
         base = load_base(
             hp.base, revision=hp.revision, load_in_4bit=hp.load_in_4bit, compute_dtype=_DTYPES[dtype], device=device
         )
+        if hp.adapter is not None:
+            self.policy = load_lora(base, hp.adapter, reference=self.has_reference,
+                                    gradient_checkpointing=hp.gradient_checkpointing)  # fmt: skip
+            return
         self.policy = add_lora(
             base,
             r=hp.lora_r,
@@ -119,6 +135,28 @@ class PreferenceModule(L.LightningModule):
             target_modules=hp.lora_target_modules,
             gradient_checkpointing=hp.gradient_checkpointing,
         )
+
+    @contextmanager
+    def reference_model(self) -> Iterator[None]:
+        """Inside, under no_grad and in eval mode (no dropout), the policy is the reference: the base with adapters
+        disabled, or the frozen copy of the starting adapter when training started from one."""
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad():
+                if self.hparams.adapter is None:
+                    with self.policy.disable_adapter():
+                        yield
+                    return
+                # peft's set_adapter makes the adapter it activates trainable unless inference_mode is set, and
+                # freezes the others: the policy's adapter is trainable again once it is set back
+                self.policy.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+                try:
+                    yield
+                finally:
+                    self.policy.set_adapter(POLICY_ADAPTER)
+        finally:
+            self.policy.train(was_training)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, T, V)
@@ -277,6 +315,23 @@ class PreferenceModule(L.LightningModule):
                 "the checkpoint's adapters do not match this model's (another base, LoRA rank or target modules?): "
                 f"{len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}"
             )
+
+
+def _lora_of_adapter(hparams) -> dict:
+    """The lora_* settings of the adapter training starts from, as its adapter_config.json has them. A flag at its
+    default is taken as not given; one given another value is a mistake, named."""
+    config = read_adapter(hparams.adapter, hparams.base, hparams.revision)
+    defaults = inspect.signature(PreferenceModule.__init__).parameters
+    settings = {}
+    for flag, key in _ADAPTER_KEYS.items():
+        value, given = config.get(key), hparams[flag]
+        value = sorted(value) if isinstance(value, list) else value  # PEFT writes target modules as a set
+        same = sorted(given) == value if isinstance(given, list) else given == value
+        _check(same or given == defaults[flag].default,
+               f"--model.{flag} {given} conflicts with --model.adapter {hparams.adapter}, whose adapter_config.json "
+               f"has {key}: {value}; leave --model.{flag} out (the LoRA settings are the adapter's)")  # fmt: skip
+        settings[flag] = value
+    return settings
 
 
 def answer_tokens(batch: PreferenceBatch) -> tuple[Tensor, Tensor]:

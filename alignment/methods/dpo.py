@@ -12,10 +12,12 @@ from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
 from alignment.hub import resolve_base
 from alignment.losses import MEAN_LOGPS_LOSSES, DPOLossType, RunningMean, chosen_nll, dpo_loss, rpo_loss
 from alignment.methods.base import REWARD_METRICS, PreferenceModule, Split, _check, answer_tokens, reward_metrics
+from alignment.model import adapter_weights, read_adapter
 from alignment.reference import (
     ReferenceCache,
     ReferencePassStopped,
     Tables,
+    adapter_identity,
     filled,
     reference_tables,
     save_added_rows,
@@ -27,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class DPO(PreferenceModule):
-    """Direct Preference Optimization (Rafailov et al. 2023); the reference is the base with adapters off.
+    """Direct Preference Optimization (Rafailov et al. 2023); the reference is the base with adapters off, or the
+    adapter training started from (`adapter`), frozen.
 
     Logged as TRL's DPOTrainer logs, for every loss_type: `logps/*` the policy's log-probs summed over tokens,
     `rewards/*` beta * (policy - reference) of those sums. IPO's loss alone takes per-token means (as TRL's), so its
@@ -49,6 +52,8 @@ class DPO(PreferenceModule):
         reference_cache_dir: where the cache lives; None: `reference/` in the alignment cache
             (`$ALIGNMENT_CACHE`, default ~/.cache/alignment).
     """
+
+    has_reference = True
 
     def __init__(
         self,
@@ -80,10 +85,10 @@ class DPO(PreferenceModule):
         self, batch: PreferenceBatch, *, average: bool, split: Split = "train"
     ) -> tuple[Tensor, Tensor]:
         """(chosen, rejected) log-probs under the reference: from the cache when it holds `split`, else a forward
-        with adapters disabled."""
+        of the reference model."""
         table = self._reference.get(split)
         if table is None:
-            with torch.no_grad(), self.policy.disable_adapter():
+            with self.reference_model():
                 return self.sequence_logps(batch, average=average)
         index = batch.index.cpu()
         missing = ~filled(table[index])
@@ -190,7 +195,7 @@ class DPO(PreferenceModule):
     def _reference_identity(self) -> dict:
         """What, besides the token ids, changes the reference log-probs."""
         hp = self.hparams
-        return {
+        identity = {
             "weights": weights_identity(resolve_base(hp.base, hp.revision), hp.revision),
             "load_in_4bit": hp.load_in_4bit,
             "quantization": "nf4+double-quant",
@@ -198,16 +203,15 @@ class DPO(PreferenceModule):
             "device": self.device.type,
             "precision": str(self.trainer.precision),
         }
+        if hp.adapter is not None:  # the reference is that adapter: an entry of the bare base is never read
+            config = read_adapter(hp.adapter, hp.base, hp.revision)
+            identity["adapter"] = adapter_identity(adapter_weights(hp.adapter), config)
+        return identity
 
     @torch.no_grad()
     def _reference_pass(self, pairs: list, collate) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         batch = PreferenceBatch(*(t.to(self.device) for t in collate(pairs)))
-        was_training = self.policy.training
-        self.policy.eval()  # no dropout either way; eval skips the checkpointing wrappers
-        try:
-            with self.trainer.precision_plugin.forward_context(), self.policy.disable_adapter():
-                chosen, rejected = self.sequence_logps(batch, average=False)
-        finally:
-            self.policy.train(was_training)
+        with self.trainer.precision_plugin.forward_context(), self.reference_model():  # eval: no dropout
+            chosen, rejected = self.sequence_logps(batch, average=False)
         chosen_tokens, rejected_tokens = (batch.labels != IGNORE_INDEX).sum(-1).chunk(2)
         return chosen, rejected, chosen_tokens, rejected_tokens
