@@ -164,12 +164,18 @@ def load_base(
     return model
 
 
+# Not a documented bitsandbytes setting: an instance attribute set in `Linear4bit.__init__` and read in its
+# forward (checked on bitsandbytes 0.47-0.50). Assigning a renamed attribute would not fail, so it is looked up first.
+CPU_PACKING_FLAG = "support_avx512bf16_for_cpu"
+
+
 def _keep_cpu_4bit_differentiable(model: PreTrainedModel) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
 
     On CPUs with AVX512-BF16, the first eval-mode forward without gradients (a validation pass) converts
     the weights in place to a packed layout, and from then on every forward, training included, uses a
     kernel with no autograd support: gradients to the LoRA layers below would be silently wrong.
+    Raises RuntimeError when this bitsandbytes has no such switch (renamed or removed): never a silent no-op.
     """
     try:
         from bitsandbytes.nn import Linear4bit
@@ -177,7 +183,18 @@ def _keep_cpu_4bit_differentiable(model: PreTrainedModel) -> None:
         return
     for module in model.modules():
         if isinstance(module, Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+            if not hasattr(module, CPU_PACKING_FLAG):
+                raise RuntimeError(
+                    f"bitsandbytes {_version('bitsandbytes')}: Linear4bit has no {CPU_PACKING_FLAG!r}, which keeps "
+                    "4-bit CPU gradients correct; use bitsandbytes 0.47-0.50 or update alignment/model.py"
+                )
+            setattr(module, CPU_PACKING_FLAG, False)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def add_lora(
