@@ -211,7 +211,7 @@ def add_lora(
     if getattr(model, "is_loaded_in_4bit", False):
         _upcast_for_kbit_training(model)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        _enable_checkpointing(model, checkpointing_kwargs)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
@@ -221,6 +221,14 @@ def add_lora(
         raise ModelLoadError(f"cannot put LoRA adapters on {target_modules!r}: {err}") from err
     # from_pretrained leaves the base in eval mode, where transformers skips gradient checkpointing
     return policy.train()
+
+
+def _enable_checkpointing(model: PreTrainedModel, kwargs: dict) -> None:
+    """`activation_checkpointing_enable`: transformers 5's name for `gradient_checkpointing_enable` (gone in v6)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 4.x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _upcast_for_kbit_training(model: PreTrainedModel) -> None:
