@@ -97,7 +97,7 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:  # Lightning may call this more than once
             return
         hp = self.hparams
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = self.trainer.strategy.root_device if self.attached else torch.device("cpu")
         dtype = hp.compute_dtype
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -112,6 +112,14 @@ class PreferenceModule(L.LightningModule):
             target_modules=hp.lora_target_modules,
             gradient_checkpointing=hp.gradient_checkpointing,
         )
+
+    @property
+    def attached(self) -> bool:
+        """Whether a Trainer runs this module (not so under `load_from_checkpoint` alone)."""
+        try:
+            return self.trainer is not None
+        except RuntimeError:  # Lightning: "... is not attached to a `Trainer`."
+            return False
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, T, V)
@@ -254,16 +262,16 @@ class PreferenceModule(L.LightningModule):
         keep = self._adapter_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         # LoRA dropout's masks after the resume are those the run would have drawn, in every process
-        checkpoint["rng"] = rng_states(self._trainer)
-        if self._trainer is not None:
+        checkpoint["rng"] = rng_states(self.trainer if self.attached else None)
+        if self.attached:
             checkpoint["run"] = run_identity(self, self.trainer.datamodule, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self._trainer is not None and self.trainer.state.fn == "fit" and "run" in checkpoint:  # a resume
+        if self.attached and self.trainer.state.fn == "fit" and "run" in checkpoint:  # a resume
             identity = run_identity(self, self.trainer.datamodule, self.trainer)
             check_resume(checkpoint["run"], identity, checkpoint=str(self.trainer.ckpt_path or "the checkpoint"))
         states = checkpoint.get("rng") or [None]
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        rank = self.trainer.global_rank if self.attached else 0
         self._rng_to_restore = states[rank] if rank < len(states) else states[0]
         stored = {k for k in checkpoint["state_dict"] if not k.startswith(("train_metrics.", "val_metrics."))}
         expected = self._adapter_keys()
