@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -23,7 +22,7 @@ from alignment.encoding import tokenize_rows
 from alignment.errors import ConfigError
 from alignment.model import load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
-from alignment.samplers import PairBatchSampler
+from alignment.samplers import PairBatchSampler, ShardSampler
 from alignment.tiny import TINY
 
 log = logging.getLogger(__name__)
@@ -321,14 +320,11 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> StatefulDataLoader:
+        # sharded here, across the trainer's processes: under DDP the Trainer needs use_distributed_sampler=False
+        # (Lightning refuses to inject its sampler into this batch sampler and says so; the CLI checks it first)
         trainer, world, rank = self.trainer, 1, 0
         if trainer is not None:
             world, rank = trainer.world_size, trainer.global_rank
-            if world > 1 and trainer._accelerator_connector.use_distributed_sampler:
-                raise ConfigError(
-                    "PreferenceDataModule shards the training pairs itself (that is what makes resume exact): "
-                    "create the Trainer with use_distributed_sampler=False"
-                )
         sampler = PairBatchSampler(
             [pair_length(p) for p in self.train_set],
             self.hparams.batch_size,
@@ -346,11 +342,8 @@ class PreferenceDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         sampler = None
         if world > 1 and len(self.val_set) >= world:
-            # Lightning's DistributedSampler pads the shards with repeated pairs, which val/* would count twice;
-            # this one splits them without repeats (every process still gets at least one pair)
-            sampler = UnrepeatedDistributedSampler(
-                self.val_set, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
-            )
+            # a DistributedSampler pads the shards with repeated pairs, which val/* would count twice
+            sampler = ShardSampler(self.val_set, num_replicas=world, rank=self.trainer.global_rank)
         batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
         return self._loader(self.val_set, batch_size=batch_size, sampler=sampler)
 

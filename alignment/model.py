@@ -77,12 +77,18 @@ def load_base(
     return model
 
 
+# Not a documented bitsandbytes setting: an instance attribute set in `Linear4bit.__init__` and read in its
+# forward (checked on bitsandbytes 0.47-0.50). Assigning a renamed attribute would not fail, so it is looked up first.
+CPU_PACKING_FLAG = "support_avx512bf16_for_cpu"
+
+
 def _keep_cpu_4bit_differentiable(model: PreTrainedModel) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
 
     On CPUs with AVX512-BF16, the first eval-mode forward without gradients (a validation pass) converts
     the weights in place to a packed layout, and from then on every forward, training included, uses a
     kernel with no autograd support: gradients to the LoRA layers below would be silently wrong.
+    Raises RuntimeError when this bitsandbytes has no such switch (renamed or removed): never a silent no-op.
     """
     try:
         from bitsandbytes.nn import Linear4bit
@@ -90,7 +96,18 @@ def _keep_cpu_4bit_differentiable(model: PreTrainedModel) -> None:
         return
     for module in model.modules():
         if isinstance(module, Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+            if not hasattr(module, CPU_PACKING_FLAG):
+                raise RuntimeError(
+                    f"bitsandbytes {_version('bitsandbytes')}: Linear4bit has no {CPU_PACKING_FLAG!r}, which keeps "
+                    "4-bit CPU gradients correct; use bitsandbytes 0.47-0.50 or update alignment/model.py"
+                )
+            setattr(module, CPU_PACKING_FLAG, False)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def add_lora(
@@ -134,7 +151,7 @@ def _prepare_for_lora(model: PreTrainedModel, gradient_checkpointing: bool) -> N
     if getattr(model, "is_loaded_in_4bit", False):
         _upcast_for_kbit_training(model)
     if gradient_checkpointing:  # non-reentrant: the reentrant kind breaks DDP
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model, {"use_reentrant": False})
 
 
 def read_adapter(adapter: str, base: str, revision: str | None = None) -> dict:
@@ -191,6 +208,14 @@ def _hub_name(source: str) -> str:
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
         return parts[-3].removeprefix("models--").replace("--", "/")
     return source
+
+
+def _enable_checkpointing(model: PreTrainedModel, kwargs: dict) -> None:
+    """`activation_checkpointing_enable`: transformers 5's name for `gradient_checkpointing_enable` (gone in v6)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 4.x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _upcast_for_kbit_training(model: PreTrainedModel) -> None:

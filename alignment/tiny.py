@@ -35,7 +35,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.add_special_tokens({"additional_special_tokens": specials[4:]})
     # like Llama's tokenizer: BOS in front of plain encodes (the data pipeline relies on seeing that)
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.bos_token_id)]
     )
     tokenizer.chat_template = _CHAT_TEMPLATE

@@ -197,3 +197,14 @@ def test_second_interrupt_stops_at_once_and_keeps_adapter_and_a_checkpoint(tmp_p
     assert checkpoints
     state = torch.load(max(checkpoints, key=lambda p: p.stat().st_mtime), weights_only=True)
     assert state["global_step"] > 0 and all("lora_" in k for k in state["state_dict"])
+
+
+def test_lightnings_distributed_sampler_is_refused_in_one_line_under_ddp(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("fit", "--config", "demo.yaml", "--trainer.default_root_dir", str(run),
+                     "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                     "--trainer.use_distributed_sampler", "true")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --trainer.use_distributed_sampler true: the data module shards") and "Traceback" \
+        not in result.stderr

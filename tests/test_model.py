@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from alignment.model import ModelLoadError, add_lora, load_base, load_tokenizer
+from alignment.model import CPU_PACKING_FLAG, ModelLoadError, add_lora, load_base, load_tokenizer
 from alignment.tiny import build_tiny_model
 from tests.helpers import literal_batch
 
@@ -76,3 +76,25 @@ def test_cached_hub_model_loads_without_network_and_without_waiting(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-2:] == ["connections", "1"]  # one look at the hub, then no retries
+
+
+def test_4bit_layers_never_switch_to_the_cpu_inference_kernel():
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in load_base("tiny", load_in_4bit=True).modules() if isinstance(m, Linear4bit)]
+    assert layers and all(getattr(layer, CPU_PACKING_FLAG) is False for layer in layers)
+
+
+def test_a_bitsandbytes_without_the_cpu_kernel_switch_fails_loudly(monkeypatch):
+    """Were the switch renamed, assigning it would silently do nothing and CPU gradients would go wrong."""
+    from bitsandbytes.nn import Linear4bit
+
+    original_init = Linear4bit.__init__
+
+    def init_without_the_switch(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        delattr(self, CPU_PACKING_FLAG)
+
+    monkeypatch.setattr(Linear4bit, "__init__", init_without_the_switch)
+    with pytest.raises(RuntimeError, match=f"Linear4bit has no '{CPU_PACKING_FLAG}'"):
+        load_base("tiny", load_in_4bit=True)

@@ -17,6 +17,7 @@ from transformers import get_scheduler
 
 from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
 from alignment.errors import ConfigError
+from alignment.heads import lean_disagreement, plain_head_weight
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.metrics import MeanTracker
 from alignment.model import POLICY_ADAPTER, REFERENCE_ADAPTER, add_lora, load_base, load_lora, read_adapter
@@ -109,6 +110,8 @@ class PreferenceModule(L.LightningModule):
         self.val_metrics = MeanTracker(self.metric_names)
         self._last_logged_step = -1
         self._rng_to_restore: dict | None = None
+        self._lean_checked = False  # the lean path compared with the plain one on a first batch
+        self._lean_refused = False  # the plain path for the rest of the run
 
     # ---- model -------------------------------------------------------------------------------------------------
 
@@ -116,7 +119,7 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:  # Lightning may call this more than once
             return
         hp = self.hparams
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = self.trainer.strategy.root_device if self.attached else torch.device("cpu")
         dtype = hp.compute_dtype
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -135,6 +138,14 @@ class PreferenceModule(L.LightningModule):
             target_modules=hp.lora_target_modules,
             gradient_checkpointing=hp.gradient_checkpointing,
         )
+
+    @property
+    def attached(self) -> bool:
+        """Whether a Trainer runs this module (not so under `load_from_checkpoint` alone)."""
+        try:
+            return self.trainer is not None
+        except RuntimeError:  # Lightning: "... is not attached to a `Trainer`."
+            return False
 
     @contextmanager
     def reference_model(self) -> Iterator[None]:
@@ -169,7 +180,7 @@ class PreferenceModule(L.LightningModule):
     def sequence_logps(self, batch: PreferenceBatch, *, average: bool) -> tuple[Tensor, Tensor]:
         """(chosen, rejected) log-probs of the answers under the current model, each (B,)."""
         labels = batch.labels[:, 1:]  # (2B, T-1): position t scores token t+1
-        head = self._lean_head_weight()
+        head = self._lean_head_weight(batch)
         if head is None:
             logits = self(batch.input_ids, batch.attention_mask)  # (2B, T, V)
             logps = sequence_logps(logits[:, :-1], labels, average=average, ignore_index=IGNORE_INDEX)
@@ -181,20 +192,23 @@ class PreferenceModule(L.LightningModule):
             )  # fmt: skip
         return logps.chunk(2)
 
-    def _lean_head_weight(self) -> Tensor | None:
-        """The LM head's weight (V, H) when the lean path applies: on, and a plain frozen projection with no
-        bias, scaling or soft-capping of the logits (anything else takes the full-logits path)."""
-        if not self.hparams.lean_logps:
+    def _lean_head_weight(self, batch: PreferenceBatch | None = None) -> Tensor | None:
+        """The LM head's weight (V, H) when the lean path applies: on, an architecture known to have a plain head,
+        and (checked once, on the first `batch`) the same log-probs as the full-logits path; see alignment.heads."""
+        if not self.hparams.lean_logps or self._lean_refused:
             return None
         model = self.policy.get_base_model()
-        head, config = model.get_output_embeddings(), model.config
-        plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
-        if plain and getattr(config, "final_logit_softcapping", None) is None and not hasattr(config, "logit_scale"):
-            return head.weight
-        if not getattr(self, "_said_not_lean", False):
-            log.warning("lean_logps: %s's LM head is not a plain projection; computing full logits", type(model))
-            self._said_not_lean = True
-        return None
+        weight, why_not = plain_head_weight(model)
+        if weight is not None and batch is not None and not self._lean_checked:
+            self._lean_checked = True
+            labels = batch.labels[:, 1:]
+            why_not = lean_disagreement(model, weight, batch.input_ids, batch.attention_mask, labels,
+                                        ignore_index=IGNORE_INDEX) or ""  # fmt: skip
+            weight = None if why_not else weight
+        if weight is None:
+            log.warning("lean_logps: %s: %s; computing full logits", type(model).__name__, why_not)
+            self._lean_refused = True
+        return weight
 
     def compute_loss(self, batch: PreferenceBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
         """(scalar loss, per-example metrics (B,) keyed by `metric_names`) for a batch of `split`."""
@@ -296,16 +310,16 @@ class PreferenceModule(L.LightningModule):
         keep = self._adapter_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         # LoRA dropout's masks after the resume are those the run would have drawn, in every process
-        checkpoint["rng"] = rng_states(self._trainer)
-        if self._trainer is not None:
+        checkpoint["rng"] = rng_states(self.trainer if self.attached else None)
+        if self.attached:
             checkpoint["run"] = run_identity(self, self.trainer.datamodule, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self._trainer is not None and self.trainer.state.fn == "fit" and "run" in checkpoint:  # a resume
+        if self.attached and self.trainer.state.fn == "fit" and "run" in checkpoint:  # a resume
             identity = run_identity(self, self.trainer.datamodule, self.trainer)
             check_resume(checkpoint["run"], identity, checkpoint=str(self.trainer.ckpt_path or "the checkpoint"))
         states = checkpoint.get("rng") or [None]
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        rank = self.trainer.global_rank if self.attached else 0
         self._rng_to_restore = states[rank] if rank < len(states) else states[0]
         stored = {k for k in checkpoint["state_dict"] if not k.startswith(("train_metrics.", "val_metrics."))}
         expected = self._adapter_keys()
