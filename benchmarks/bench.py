@@ -47,6 +47,9 @@ SIZES = {
     # TinyLlama-1.1B's architecture
     "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                       num_attention_heads=32, num_key_value_heads=4),
+    # SmolLM2-135M's architecture (30 thin layers, tied embeddings): a real model's shape a CPU can train
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
 }  # fmt: skip
 H100_BF16_PEAK = 798e12  # dense bf16 matmul FLOP/s measured on the H100 of the reference figures
 
@@ -62,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--completion-len", default="384", help="comma list: one run per length")
     ap.add_argument("--no-4bit", action="store_true", help="full-precision base")
     ap.add_argument("--no-gc", action="store_true", help="no gradient checkpointing")
+    ap.add_argument("--vary", action="store_true", help="each prompt and answer length uniform in [len/4, len], seeded")
     ap.add_argument("--precompute-ref", action="store_true", help="DPO: reference log-probs from the cache")
     ap.add_argument("--plain-logps", action="store_true", help="full (2B, T, V) logits, not the lean path")
     ap.add_argument("--logits-chunk-size", type=int, default=None)
@@ -92,16 +96,37 @@ def write_base(size: str, root: Path) -> Path:
     return root
 
 
-def write_pairs(path: Path, n: int, vocab_size: int, prompt_len: int, completion_len: int) -> Path:
-    rng = random.Random(0)
+def make_pairs(n: int, vocab_size: int, prompt_len: int, completion_len: int, *, seed: int = 0,
+               vary: bool = False) -> list[dict[str, str]]:
+    """n pairs of random words, drawn as the TRL reference script draws them (the same rows for the same
+    arguments): a prompt of prompt_len words and two answers of completion_len; with `vary`, each prompt and
+    answer has its own length, uniform in [len // 4, len]."""
+    rng = random.Random(seed)
 
     def words(k: int) -> str:
         return " ".join(f"w{rng.randrange(4, vocab_size)}" for _ in range(k))
 
-    rows = [
-        {"prompt": words(prompt_len), "chosen": words(completion_len), "rejected": words(completion_len)}
-        for _ in range(n)
-    ]
+    def size(k: int) -> int:
+        return rng.randint(max(1, k // 4), k) if vary else k
+
+    # the draws go in the reference's order: prompt length, prompt words, chosen length, chosen words, ...
+    rows = []
+    for _ in range(n):
+        prompt = words(size(prompt_len))
+        chosen = " " + words(size(completion_len))
+        rejected = " " + words(size(completion_len))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def mean_pair_tokens(rows: list[dict[str, str]]) -> float:
+    """Mean real (unpadded) tokens of a pair: the prompt twice, the chosen and the rejected answer. The unit of
+    tokens_per_s, as the reference script counts it (without --vary: 2 * (prompt_len + completion_len))."""
+    return sum(2 * len(r["prompt"].split()) + len(r["chosen"].split()) + len(r["rejected"].split())
+               for r in rows) / len(rows)  # fmt: skip
+
+
+def write_pairs(path: Path, rows: list[dict[str, str]]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
@@ -184,8 +209,8 @@ def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
     base = work / "base"
     if not base.exists():
         write_base(args.size, base)
-    pairs = write_pairs(work / f"pairs-{completion_len}.jsonl", args.bs * (args.steps + 2), vocab,
-                        args.prompt_len, completion_len)  # fmt: skip
+    rows = make_pairs(args.bs * (args.steps + 2), vocab, args.prompt_len, completion_len, vary=args.vary)
+    pairs = write_pairs(work / f"pairs-{completion_len}.jsonl", rows)
     data = PreferenceDataModule(
         str(pairs), tokenizer=str(base), use_chat_template=False, val_fraction=0.0, batch_size=args.bs,
         max_length=args.prompt_len + completion_len + 8, max_prompt_length=None, pad_to_multiple_of=8,
@@ -206,19 +231,20 @@ def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
     except torch.OutOfMemoryError:
         return dict(system="ours", algo=args.algo, size=args.size, bs=args.bs, seq=args.prompt_len + completion_len,
                     oom=True)  # fmt: skip
-    return summarize(args, completion_len, module, trainer, timer, time.perf_counter() - started)
+    total_s = time.perf_counter() - started
+    return summarize(args, completion_len, mean_pair_tokens(rows), module, trainer, timer, total_s)
 
 
-def summarize(args, completion_len, module, trainer, timer: StepTimer, total_s: float) -> dict:
+def summarize(args, completion_len, pair_tokens: float, module, trainer, timer: StepTimer, total_s: float) -> dict:
     seq = args.prompt_len + completion_len
     seconds = timer.end - timer.start
-    tokens = timer.timed * args.bs * 2 * seq  # chosen + rejected tokens (prompt included), as the reference counts
+    tokens = timer.timed * args.bs * pair_tokens  # real chosen + rejected tokens (prompt included), as the reference
     tokens_per_s = tokens / seconds
     cuda = torch.cuda.is_available()
     peak_flops = args.peak_flops or (H100_BF16_PEAK if cuda and "H100" in torch.cuda.get_device_name() else None)
     flops = train_flops_per_token(module, args)
     return dict(
-        system="ours", algo=args.algo, size=args.size, four_bit=not args.no_4bit, bs=args.bs, seq=seq,
+        system="ours", algo=args.algo, size=args.size, four_bit=not args.no_4bit, bs=args.bs, seq=seq, vary=args.vary,
         gradient_checkpointing=not args.no_gc, precompute_ref=args.precompute_ref, lean_logps=not args.plain_logps,
         timed_steps=timer.timed, step_s=seconds / timer.timed, tokens_per_s=tokens_per_s, total_s=total_s,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
