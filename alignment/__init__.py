@@ -5,19 +5,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from alignment.methods import METHODS
+
 if TYPE_CHECKING:
     from alignment.data import PreferenceBatch, PreferenceDataModule
-    from alignment.modules import DPO, ORPO, PreferenceModule
+    from alignment.methods.base import PreferenceModule
+    from alignment.methods.dpo import DPO
+    from alignment.methods.orpo import ORPO
 
 # imported on first use (PEP 562): `python cli.py --help` and the after-training verbs must not wait for torch
 _HOMES = {
-    "DPO": "alignment.modules",
-    "ORPO": "alignment.modules",
-    "PreferenceModule": "alignment.modules",
+    **METHODS,
+    "PreferenceModule": "alignment.methods.base",
     "PreferenceBatch": "alignment.data",
     "PreferenceDataModule": "alignment.data",
 }
-__all__ = ["DPO", "ORPO", "PreferenceBatch", "PreferenceDataModule", "PreferenceModule"]
+__all__ = ["DPO", "ORPO", "PreferenceBatch", "PreferenceDataModule", "PreferenceModule"]  # and every METHODS name
 
 
 def __getattr__(name: str) -> Any:

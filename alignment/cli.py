@@ -17,14 +17,14 @@ from alignment.data import PreferenceDataModule, usable_val_split
 from alignment.errors import RunDirError, RunFinished
 from alignment.files import atomic_write
 from alignment.generations import SampleGenerations
+from alignment.methods.base import PreferenceModule
 from alignment.model import resolve_base
-from alignment.modules import PreferenceModule
 from alignment.parser import AlignmentParser
 from alignment.resume import AtomicCheckpointIO, RunCSVLogger, checkpoint_step
 from alignment.rundir import clear_run, holds_run, lock_run, release_runs, write_error
-from alignment.usage import CONFIG_DIR, TRAINING_VERBS, main, resolve_config_args, user_error
 
-__all__ = ["CONFIG_DIR", "AlignmentCLI", "main", "resolve_config_args", "run_cli", "user_error"]
+SUBCOMMANDS = ("fit", "validate")  # LightningCLI's; alignment.usage describes them in --help
+__all__ = ["SUBCOMMANDS", "AlignmentCLI", "run_cli"]
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +63,7 @@ class AlignmentCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """fit and validate: the modules have no test or predict step."""
-        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in TRAINING_VERBS}
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--wandb", type=bool, default=False, help="also log to Weights & Biases")

@@ -1,12 +1,18 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Files the runs write: atomic writes (a reader sees the old file or the new one, never half of one), and the
+check that a directory the user named can be written before anything is built."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+from alignment.errors import ConfigError
+
+ACCESS_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
@@ -34,3 +40,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """A ConfigError naming `flag` and `path` unless files can be created at `path` (made later if missing).
+
+    Tries a file in the nearest directory that exists: `os.access` says yes to root on any file system, even a
+    read-only one, and to anyone on a read-only mount of a writable directory.
+    """
+    target = Path(path).expanduser().absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file, not a directory")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:  # read-only, no permission, or a pseudo file system such as /proc
+        where = "" if existing == target else f" ({existing} is not writable)"
+        raise ConfigError(f"{flag} {path}: cannot write there{where}: {err.strerror}") from None

@@ -15,8 +15,8 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
 from alignment.errors import ConfigError
+from alignment.files import check_writable
 from alignment.rows import FIELDS
-from alignment.usage import check_writable
 
 COLUMNS_HINT = (
     f"expected a mapping of field ({', '.join(FIELDS)}) to the data's column, "

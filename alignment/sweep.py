@@ -183,7 +183,7 @@ def fit_in_child(run: SweepRun, config_hash: str) -> int:
     resume = _can_resume(run, config_hash)
     run.path.mkdir(parents=True, exist_ok=True)
     _write_marker(run, config_hash, "running")
-    command = [sys.executable, "-c", "from alignment.cli import main; main()", *run.args]
+    command = [sys.executable, "-c", "from alignment.usage import main; main()", *run.args]
     # a run whose arguments or config changed, or that stopped before its first checkpoint, starts over
     command += ["--ckpt_path", "last"] if resume else ["--overwrite", "true"]
     env = os.environ.copy()  # the child imports this same package, wherever the sweep is started from

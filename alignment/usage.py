@@ -5,14 +5,13 @@ Nothing heavy is imported here: `--help` and the after-training verbs must not w
 
 from __future__ import annotations
 
-import errno
 import logging
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 from alignment.errors import USER_ERRORS, ConfigError
+from alignment.files import ACCESS_REFUSED
 from alignment.verbs import VERB_HELP, run_verb
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -20,7 +19,6 @@ TRAINING_VERBS = {
     "fit": "train a DPO or ORPO adapter (python cli.py fit --config demo.yaml)",
     "validate": "one pass over the validation set, with the metrics of fit",
 }
-ACCESS_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,23 +86,6 @@ def resolve_config_args(argv: list[str]) -> list[str]:
                 out[i] = prefix + str(candidate)
                 break
     return out
-
-
-def check_writable(path: str | Path, flag: str) -> None:
-    """A ConfigError naming `flag` and `path` unless files can be created at `path` (made later if missing).
-
-    Tries a file in the nearest directory that exists: `os.access` says yes to root on any file system, even a
-    read-only one, and to anyone on a read-only mount of a writable directory.
-    """
-    target = Path(path).expanduser().absolute()
-    existing = next(p for p in (target, *target.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"{flag} {path}: {existing} is a file, not a directory")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as err:  # read-only, no permission, or a pseudo file system such as /proc
-        where = "" if existing == target else f" ({existing} is not writable)"
-        raise ConfigError(f"{flag} {path}: cannot write there{where}: {err.strerror}") from None
 
 
 def user_error(err: BaseException) -> BaseException | None:

@@ -25,7 +25,7 @@ class VerbParser(argparse.ArgumentParser):
 
 def _check_out(args: argparse.Namespace) -> None:
     """A given --out that cannot be written fails before anything is loaded."""
-    from alignment.usage import check_writable
+    from alignment.files import check_writable
 
     if args.out is not None:
         check_writable(args.out, "--out")

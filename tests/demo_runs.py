@@ -7,7 +7,7 @@ import functools
 import tempfile
 from pathlib import Path
 
-from alignment.cli import main
+from alignment.usage import main
 
 CONFIGS = {"dpo": "demo_dpo.yaml", "orpo": "demo.yaml"}
 

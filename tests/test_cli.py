@@ -15,8 +15,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from alignment import DPO, ORPO
-from alignment.cli import main
 from alignment.model import load_base
+from alignment.usage import main
 from tests.helpers import synthetic_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

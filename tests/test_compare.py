@@ -5,7 +5,6 @@ import json
 import pytest
 from peft import PeftModel
 
-from alignment.cli import main
 from alignment.compare import (
     Answer,
     DecodeOptions,
@@ -19,6 +18,7 @@ from alignment.compare import (
 )
 from alignment.errors import ConfigError, DataError
 from alignment.model import load_base, load_tokenizer
+from alignment.usage import main
 from tests.demo_runs import demo_run
 from tests.helpers import write_jsonl
 

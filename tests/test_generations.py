@@ -8,8 +8,8 @@ import wandb
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from alignment import ORPO, PreferenceDataModule
-from alignment.cli import main
 from alignment.generations import COLUMNS, SampleGenerations
+from alignment.usage import main
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from alignment import DPO, ORPO
 from alignment.model import load_base
-from alignment.modules import DPO, ORPO
 from tests.helpers import literal_batch
 
 

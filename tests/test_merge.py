@@ -15,10 +15,10 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignment.cli import main
 from alignment.errors import ConfigError
 from alignment.merge import merge_adapter
 from alignment.model import load_base, load_tokenizer
+from alignment.usage import main
 from tests.demo_runs import demo_run
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}  # max abs logit difference

@@ -9,7 +9,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from alignment.cli import main  # noqa: E402
 from alignment.errors import DataError  # noqa: E402
 from alignment.report import (  # noqa: E402
     PLOTTED,
@@ -21,6 +20,7 @@ from alignment.report import (  # noqa: E402
     run_labels,
 )
 from alignment.rundir import RunDir  # noqa: E402
+from alignment.usage import main  # noqa: E402
 from tests.demo_runs import demo_run  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -226,7 +226,7 @@ def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
 
 
 def test_a_fit_in_the_same_process_may_use_the_directory_again_once_the_first_has_returned(tmp_path):
-    from alignment.cli import main
+    from alignment.usage import main
 
     run = str(tmp_path / "run")
     main(["fit", *DEMO, "--trainer.default_root_dir", run, "--trainer.max_steps", "1"])

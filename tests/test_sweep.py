@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-from alignment.cli import main
 from alignment.errors import ConfigError
 from alignment.sweep import (
     MARKER,
@@ -18,6 +17,7 @@ from alignment.sweep import (
     parse_grid,
     run_name,
 )
+from alignment.usage import main
 
 
 def test_grid_values_and_combinations():

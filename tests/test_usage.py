@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from alignment.errors import ConfigError
+from alignment.files import check_writable
 from alignment.parser import check_wandb_login
-from alignment.usage import check_writable
 from tests.test_cli import ROOT, run_cli
 
 VERBS = ["fit", "validate", "report", "compare", "sweep", "merge"]

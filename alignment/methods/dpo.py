@@ -1,0 +1,169 @@
+"""DPO: preference optimization against a frozen reference, whose log-probs come from a cache."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
+from alignment.losses import DPOLossType, dpo_loss
+from alignment.methods.base import PreferenceModule, Split, _check, answer_tokens, reward_metrics
+from alignment.model import resolve_base
+from alignment.reference import (
+    ReferenceCache,
+    ReferencePassStopped,
+    Tables,
+    filled,
+    reference_tables,
+    save_added_rows,
+    train_pairs_read,
+    weights_identity,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DPO(PreferenceModule):
+    """Direct Preference Optimization (Rafailov et al. 2023); the reference is the base with adapters off.
+
+    Logged as TRL's DPOTrainer logs, for every loss_type: `logps/*` the policy's log-probs summed over tokens,
+    `rewards/*` beta * (policy - reference) of those sums. IPO's loss alone takes per-token means (as TRL's), so its
+    logged accuracies and margins are not the loss's: a short chosen answer can win on means and lose on sums.
+
+    Args:
+        loss_type: sigmoid (DPO), hinge (SLiC), ipo (IPO, its loss on per-token mean logps) or robust (rDPO).
+        label_smoothing: assumed share of flipped labels (conservative DPO for sigmoid, rDPO for robust).
+        reference_cache: compute the reference log-probs once before training and keep them on disk for later
+            runs on the same model and data (a short run computes only the pairs its steps read, a longer one adds
+            the rest); false: a reference forward in every step.
+        reference_cache_dir: where the cache lives; None: `reference/` in the alignment cache
+            (`$ALIGNMENT_CACHE`, default ~/.cache/alignment).
+    """
+
+    def __init__(
+        self,
+        *args,
+        loss_type: DPOLossType = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference_cache: bool = True,
+        reference_cache_dir: str | None = None,
+        **kwargs,
+    ):
+        _check(0 <= label_smoothing < 0.5, f"--model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records these too
+        self._reference: Tables = {}  # split -> (N, 4) cached reference log-probs, filled in on_fit_start
+        self._reference_key: str | None = None  # the cache entry they belong to
+        self._rows_added: dict[str, list[Tensor]] = {}  # split -> positions computed in the steps, to write back
+
+    def reference_logps(
+        self, batch: PreferenceBatch, *, average: bool, split: Split = "train"
+    ) -> tuple[Tensor, Tensor]:
+        """(chosen, rejected) log-probs under the reference: from the cache when it holds `split`, else a forward
+        with adapters disabled."""
+        table = self._reference.get(split)
+        if table is None:
+            with torch.no_grad(), self.policy.disable_adapter():
+                return self.sequence_logps(batch, average=average)
+        index = batch.index.cpu()
+        missing = ~filled(table[index])
+        if missing.any():  # rows the pass left out: computed here, once, as the pass computes them
+            self._compute_rows(split, index[missing])
+        rows = table[index].to(self.device)  # (B, 4)
+        chosen, rejected, chosen_tokens, rejected_tokens = rows.unbind(1)
+        if average:  # as sequence_logps(average=True) divides
+            return chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
+        return chosen, rejected
+
+    def _compute_rows(self, split: Split, positions: Tensor) -> None:
+        datamodule = self.trainer.datamodule
+        dataset = datamodule.train_set if split == "train" else datamodule.val_set
+        values = self._reference_pass([dataset.pairs[i] for i in positions.tolist()], collate=datamodule.collate)
+        self._reference[split][positions] = torch.stack([t.float().cpu() for t in values], dim=1)
+        self._rows_added.setdefault(split, []).append(positions)
+
+    def compute_loss(self, batch: PreferenceBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
+        hp = self.hparams
+        policy_chosen, policy_rejected = self.sequence_logps(batch, average=False)  # sums, each (B,)
+        ref_chosen, ref_rejected = self.reference_logps(batch, average=False, split=split)
+        logps = policy_chosen, policy_rejected, ref_chosen, ref_rejected
+        if hp.loss_type == "ipo":  # IPO's loss is on per-token means, as TRL's (Azar et al. 2023, eq. 17)
+            chosen_tokens, rejected_tokens = answer_tokens(batch)
+            logps = (policy_chosen / chosen_tokens, policy_rejected / rejected_tokens,
+                     ref_chosen / chosen_tokens, ref_rejected / rejected_tokens)  # fmt: skip
+        losses, _, _ = dpo_loss(*logps, beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing)
+        # logged as TRL logs them, for every loss type: rewards of sums (the same as dpo_loss's but for IPO)
+        chosen_rewards = hp.beta * (policy_chosen - ref_chosen).detach()
+        rejected_rewards = hp.beta * (policy_rejected - ref_rejected).detach()
+        metrics = reward_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        return losses.mean(), metrics
+
+    def on_fit_start(self) -> None:
+        self._reference, self._rows_added = {}, {}
+        datamodule = self.trainer.datamodule
+        if not self.hparams.reference_cache:
+            return
+        if not isinstance(datamodule, PreferenceDataModule):
+            log.warning("reference cache off: it needs a PreferenceDataModule; the reference runs in every step")
+            return
+        splits = {"train": datamodule.train_set.pairs}
+        if datamodule.val_set is not None:
+            splits["validation"] = datamodule.val_set.pairs
+        train = train_pairs_read(self.trainer, datamodule.train_dataloader().batch_sampler)
+        # a short run: the pairs its steps read; validation rows as validation reads them (it may never run)
+        needed = {"train": train, "validation": None if train is None else []}
+        try:
+            self._reference_key, self._reference = reference_tables(
+                self.trainer,
+                splits,
+                partial(self._reference_pass, collate=datamodule.collate),
+                identity=self._reference_identity(),
+                digests={split: datamodule.digest(split) for split in splits},
+                cache_dir=self.hparams.reference_cache_dir,
+                batch_size=datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size,
+                needed=needed,
+            )
+        except ReferencePassStopped as stop:
+            if self.trainer.is_global_zero:
+                log.warning("stopped by %s during the reference pass; the rows computed are kept in the cache and "
+                            "a rerun continues from them", stop.signal_name)  # fmt: skip
+            raise SystemExit(stop.exit_code) from None
+
+    def on_fit_end(self) -> None:
+        self._save_rows_added()
+        self._reference = {}  # a later validate() may read other data
+
+    def _save_rows_added(self) -> None:
+        """Write the rows computed during the steps into the cache entry."""
+        if self._reference and self._reference_key is not None:
+            added = {s: torch.cat(p) for s, p in self._rows_added.items()}
+            save_added_rows(self.trainer, ReferenceCache(self.hparams.reference_cache_dir), self._reference_key,
+                            self._reference, added, meta=self._reference_identity())  # fmt: skip
+        self._rows_added = {}
+
+    def _reference_identity(self) -> dict:
+        """What, besides the token ids, changes the reference log-probs."""
+        hp = self.hparams
+        return {
+            "weights": weights_identity(resolve_base(hp.base, hp.revision), hp.revision),
+            "load_in_4bit": hp.load_in_4bit,
+            "quantization": "nf4+double-quant",
+            "compute_dtype": str(self.policy.get_base_model().dtype),
+            "device": self.device.type,
+            "precision": str(self.trainer.precision),
+        }
+
+    @torch.no_grad()
+    def _reference_pass(self, pairs: list, collate) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        batch = PreferenceBatch(*(t.to(self.device) for t in collate(pairs)))
+        was_training = self.policy.training
+        self.policy.eval()  # no dropout either way; eval skips the checkpointing wrappers
+        try:
+            with self.trainer.precision_plugin.forward_context(), self.policy.disable_adapter():
+                chosen, rejected = self.sequence_logps(batch, average=False)
+        finally:
+            self.policy.train(was_training)
+        chosen_tokens, rejected_tokens = (batch.labels != IGNORE_INDEX).sum(-1).chunk(2)
+        return chosen, rejected, chosen_tokens, rejected_tokens

@@ -1,0 +1,75 @@
+"""The package's shape: no import circle between its modules, and every method exported at the top level."""
+
+import ast
+from pathlib import Path
+
+import alignment
+from alignment.methods import METHODS
+from alignment.methods.base import PreferenceModule
+
+PACKAGE = Path(alignment.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports, at the top or inside a function (a lazy import still ties the
+    two together)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            graph[name].update(t for t in targets if t in modules and t != name)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    visiting, done = [], set()
+
+    def visit(node: str) -> list[str] | None:
+        if node in visiting:
+            return visiting[visiting.index(node) :] + [node]
+        if node in done:
+            return None
+        visiting.append(node)
+        for target in sorted(graph[node]):
+            if cycle := visit(target):
+                return cycle
+        visiting.pop()
+        done.add(node)
+        return None
+
+    return next((cycle for node in sorted(graph) if (cycle := visit(node))), None)
+
+
+def test_find_cycle_sees_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_package_has_no_import_circle():
+    graph = import_graph()
+    assert "alignment.cli" in graph["alignment.sweep"]  # the graph sees lazy imports
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_every_method_is_exported_at_the_top_level():
+    for name in METHODS:
+        assert name in alignment.__all__
+        method = getattr(alignment, name)
+        assert issubclass(method, PreferenceModule) and method.__name__ == name
+
+
+def test_the_cli_offers_the_training_verbs_the_help_describes():
+    from alignment.cli import SUBCOMMANDS
+    from alignment.usage import TRAINING_VERBS
+
+    assert set(SUBCOMMANDS) == set(TRAINING_VERBS)
