@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-gc", action="store_true", help="no gradient checkpointing")
     ap.add_argument("--vary", action="store_true", help="each prompt and answer length uniform in [len/4, len], seeded")
     ap.add_argument("--precompute-ref", action="store_true", help="DPO: reference log-probs from the cache")
+    ap.add_argument("--padding-free", action="store_true", help="ours: sequences packed into one row, no padding")
     ap.add_argument("--plain-logps", action="store_true", help="full (2B, T, V) logits, not the lean path")
     ap.add_argument("--logits-chunk-size", type=int, default=None)
     ap.add_argument("--peak-flops", type=float, default=None, help=f"for MFU; default {H100_BF16_PEAK:g} on an H100")
@@ -172,6 +173,7 @@ def build_module(args: argparse.Namespace, base: Path, cache_dir: Path) -> L.Lig
         base=str(base), load_in_4bit=not args.no_4bit, lora_r=16, lora_alpha=32, lora_dropout=0.0,
         lora_target_modules="all-linear", gradient_checkpointing=not args.no_gc, learning_rate=5e-6,
         lr_scheduler="cosine", beta=0.1, lean_logps=not args.plain_logps, logits_chunk_size=args.logits_chunk_size,
+        padding_free=args.padding_free,
     )  # fmt: skip
     if args.algo == "orpo":
         return ORPO(**common)
@@ -246,6 +248,7 @@ def summarize(args, completion_len, pair_tokens: float, module, trainer, timer: 
     return dict(
         system="ours", algo=args.algo, size=args.size, four_bit=not args.no_4bit, bs=args.bs, seq=seq, vary=args.vary,
         gradient_checkpointing=not args.no_gc, precompute_ref=args.precompute_ref, lean_logps=not args.plain_logps,
+        padding_free=args.padding_free,
         timed_steps=timer.timed, step_s=seconds / timer.timed, tokens_per_s=tokens_per_s, total_s=total_s,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

@@ -5,11 +5,15 @@ block-diagonal mask instead of a padded one), so per-sequence log-probs, losses,
 to 1e-5 relative and 1e-5 absolute (gradients: 1e-4 absolute, sums over every position of the batch).
 """
 
+import inspect
+
 import pytest
 import torch
 
+import alignment
 from alignment.data import IGNORE_INDEX, TokenizedPair, collate_pairs
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
+from alignment.methods import METHODS
 from alignment.model import add_lora, load_base
 from alignment.packing import pack_rows, packed_sequence_logps, sum_per_row
 from tests.helpers import literal_batch
@@ -120,3 +124,44 @@ def test_logps_and_lora_gradients_equal_the_padded_forwards(policy, lean, averag
     assert all(g.abs().sum() > 0 for g in packed_grads.values())
     for name, grad in packed_grads.items():
         torch.testing.assert_close(grad, padded_grads[name], **GRADS, msg=name)
+
+
+# ---- every method's module: --model.padding_free true against false ---------------------------------------------
+
+METHOD_CASES = [(name, {}) for name in METHODS] + [("DPO", {"loss_type": "ipo"}), ("DPO", {"loss_type": "hinge"}),
+                                                   ("ORPO", {"lean_logps": False})]  # fmt: skip
+
+
+def seeded_module(name: str, **kwargs):
+    """A method's module on the tiny 4-bit base, LoRA B made nonzero so that policy and reference differ."""
+    cls = getattr(alignment, name)
+    if "reference_cache" in inspect.signature(cls.__init__).parameters:
+        kwargs = {"reference_cache": False, **kwargs}  # the reference forward runs in the step, packed as well
+    torch.manual_seed(0)
+    module = cls(gradient_checkpointing=True, **kwargs)
+    module.configure_model()
+    generator = torch.Generator().manual_seed(1)
+    for param_name, param in sorted(module.policy.named_parameters()):
+        if "lora_B" in param_name:
+            torch.nn.init.normal_(param, std=0.05, generator=generator)
+    return module
+
+
+@pytest.mark.parametrize(("name", "kwargs"), METHOD_CASES, ids=[f"{n}-{k}" for n, k in METHOD_CASES])
+def test_module_losses_metrics_and_lora_gradients_equal_the_padded_ones(name, kwargs):
+    results = []
+    for padding_free in (False, True):
+        module = seeded_module(name, padding_free=padding_free, **kwargs)
+        loss, metrics = module.compute_loss(literal_batch())
+        loss.backward()
+        grads = {n: p.grad for n, p in module.policy.named_parameters() if p.requires_grad}
+        results.append((loss, metrics, grads))
+    (padded_loss, padded_metrics, padded_grads), (packed_loss, packed_metrics, packed_grads) = results
+    torch.testing.assert_close(packed_loss, padded_loss, **TIGHT)
+    assert packed_metrics.keys() == padded_metrics.keys()
+    for metric in padded_metrics:
+        torch.testing.assert_close(packed_metrics[metric], padded_metrics[metric], **TIGHT, msg=metric)
+    assert packed_grads.keys() == padded_grads.keys()
+    for param_name, grad in padded_grads.items():
+        assert grad.abs().sum() > 0, param_name
+        torch.testing.assert_close(packed_grads[param_name], grad, **GRADS, msg=param_name)
