@@ -34,6 +34,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from alignment import DPO, ORPO, PreferenceDataModule  # noqa: E402
+from alignment.reference import filled  # noqa: E402
 
 SIZES = {
     "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -70,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--padding-free", action="store_true", help="ours: sequences packed into one row, no padding")
     ap.add_argument("--plain-logps", action="store_true", help="full (2B, T, V) logits, not the lean path")
     ap.add_argument("--logits-chunk-size", type=int, default=None)
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of the first timed step")
     ap.add_argument("--peak-flops", type=float, default=None, help=f"for MFU; default {H100_BF16_PEAK:g} on an H100")
     return ap.parse_args(argv)
 
@@ -140,6 +142,7 @@ class StepTimer(L.Callback):
 
     def __init__(self, warm: int):
         self.warm, self.start, self.end, self.timed = warm, None, None, 0
+        self.fit_start, self.train_start, self.reference_pairs = None, None, 0
 
     def _now(self) -> float:
         if torch.cuda.is_available():
@@ -152,8 +155,13 @@ class StepTimer(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        self.fit_start = self._now()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the DPO reference pass ran in between (the module's on_fit_start): its time and the pairs it filled
+        self.train_start = self._now()
+        table = getattr(pl_module, "_reference", {}).get("train")
+        self.reference_pairs = int(filled(table).sum()) if table is not None else 0
         if self.warm == 0:
             self.start = self._now()
 
@@ -163,6 +171,23 @@ class StepTimer(L.Callback):
             self.start = self._now()
         elif step > self.warm:
             self.end, self.timed = self._now(), step - self.warm
+
+
+class StepProfiler(L.Callback):
+    """torch.profiler over the optimizer step after `warm`; its table (operators by self CPU time) to stdout."""
+
+    def __init__(self, warm: int, rows: int = 30):
+        self.warm, self.rows, self.profiler = warm, rows, None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step == self.warm and self.profiler is None:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.profiler is not None and trainer.global_step == self.warm + 1:
+            self.profiler.__exit__(None, None, None)
+            print(self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.rows), flush=True)
 
 
 # ---- one run -----------------------------------------------------------------------------------------------
@@ -224,7 +249,7 @@ def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
         accelerator="auto", devices=1, precision="bf16-mixed" if cuda else "32-true", max_steps=args.steps,
         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
-        callbacks=[timer], default_root_dir=str(work),
+        callbacks=[timer] + ([StepProfiler(args.warm)] if args.profile else []), default_root_dir=str(work),
     )  # fmt: skip
     L.seed_everything(0, verbose=False)
     started = time.perf_counter()
@@ -243,6 +268,7 @@ def summarize(args, completion_len, pair_tokens: float, module, trainer, timer: 
     tokens = timer.timed * args.bs * pair_tokens  # real chosen + rejected tokens (prompt included), as the reference
     tokens_per_s = tokens / seconds
     cuda = torch.cuda.is_available()
+    reference_s = timer.train_start - timer.fit_start
     peak_flops = args.peak_flops or (H100_BF16_PEAK if cuda and "H100" in torch.cuda.get_device_name() else None)
     flops = train_flops_per_token(module, args)
     return dict(
@@ -253,6 +279,8 @@ def summarize(args, completion_len, pair_tokens: float, module, trainer, timer: 
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         flops_per_token=flops, mfu=tokens_per_s * flops / peak_flops if peak_flops else None,
+        reference_pairs=timer.reference_pairs, reference_s=reference_s if timer.reference_pairs else None,
+        reference_pairs_per_s=timer.reference_pairs / reference_s if timer.reference_pairs else None,
         last_loss=float(trainer.callback_metrics["loss"]) if "loss" in trainer.callback_metrics else None,
     )  # fmt: skip
 
