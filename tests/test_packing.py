@@ -15,7 +15,13 @@ from alignment.data import IGNORE_INDEX, TokenizedPair, collate_pairs
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.methods import METHODS
 from alignment.model import add_lora, load_base
-from alignment.packing import pack_rows, packed_sequence_logps, sum_per_row
+from alignment.packing import (
+    PACKED_ATTENTION,
+    pack_rows,
+    packed_sequence_logps,
+    sum_per_row,
+    use_packed_attention,
+)
 from tests.helpers import literal_batch
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-5}
@@ -34,7 +40,7 @@ def test_pack_rows_keeps_real_tokens_restarts_positions_and_scores_the_next_answ
     assert packed.targets.tolist() == [i, i, i, 50, 51, 2, i, i, i, 52, 2, i,
                                        i, i, i, 60, 61, 62, 2, i, i, i, 63, 64, 65, 66, 2, i]  # fmt: skip
     assert packed.rows.tolist() == [0] * 7 + [1] * 5 + [2] * 8 + [3] * 8
-    assert packed.num_rows == 4
+    assert packed.num_rows == 4 and packed.offsets.tolist() == [0, 7, 12, 20, 28] and packed.max_length == 8
 
 
 def test_a_full_width_row_and_left_padding_pack_the_same_tokens():
@@ -78,14 +84,21 @@ def decoder_hidden(policy, **inputs):
     return policy.get_base_model().get_decoder()(**inputs, use_cache=False).last_hidden_state
 
 
-def test_no_token_attends_across_a_sequence_boundary(policy):
+@pytest.mark.parametrize("attention", ["packed_sdpa", "transformers' block mask"])
+def test_no_token_attends_across_a_sequence_boundary(policy, attention):
     batch = literal_batch()
     packed = pack_rows(batch.input_ids, batch.attention_mask, batch.labels)
+    if attention == "packed_sdpa":
+        use_packed_attention(policy)
+        assert policy.get_base_model().config._attn_implementation == PACKED_ATTENTION
+        inputs = packed.attention_kwargs()  # the offsets: each sequence attended on its own
+    else:
+        inputs = {"position_ids": packed.position_ids}  # transformers reads the boundaries from the positions
     with torch.no_grad():
-        hidden = decoder_hidden(policy, input_ids=packed.input_ids, position_ids=packed.position_ids)[0]  # (N, H)
+        hidden = decoder_hidden(policy, input_ids=packed.input_ids, **inputs)[0]  # (N, H)
         changed_ids = packed.input_ids.clone()
         changed_ids[0, 1:7] = torch.tensor([70, 71, 72, 73, 74, 75])  # the first sequence, all but its BOS
-        changed = decoder_hidden(policy, input_ids=changed_ids, position_ids=packed.position_ids)[0]
+        changed = decoder_hidden(policy, input_ids=changed_ids, **inputs)[0]
         alone = [decoder_hidden(policy, input_ids=packed.input_ids[:, packed.rows == r])[0] for r in range(4)]
     later = packed.rows > 0
     assert (hidden[1:7] - changed[1:7]).abs().max() > 1e-3  # the check sees a change where there is one
