@@ -21,6 +21,7 @@ from alignment.heads import lean_disagreement, plain_head_weight
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.metrics import MeanTracker
 from alignment.model import POLICY_ADAPTER, REFERENCE_ADAPTER, add_lora, load_base, load_lora, read_adapter
+from alignment.packing import pack_rows, packed_sequence_logps
 from alignment.resume import check_resume, rng_states, run_identity, set_rng_state
 from alignment.tiny import TINY
 
@@ -66,6 +67,8 @@ class PreferenceModule(L.LightningModule):
         lean_logps: log-probs from the final hidden states, logits only at answer tokens and a chunk at a time
             (never the (2B, T, V) logits); false: full logits, then `sequence_logps` (the plain path).
         logits_chunk_size: answer tokens whose logits exist at once on the lean path; None: about 2**25 logits.
+        padding_free: pack the batch's sequences into one row (positions restarting per sequence, attention kept
+            within each): no compute on padding; the log-probs equal the padded forward's (`alignment.packing`).
     """
 
     metric_names: list[str] = REWARD_METRICS
@@ -92,6 +95,7 @@ class PreferenceModule(L.LightningModule):
         beta: float = 0.1,
         lean_logps: bool = True,
         logits_chunk_size: int | None = None,
+        padding_free: bool = False,
     ):
         super().__init__()
         _check(beta > 0, f"--model.beta must be > 0, got {beta}")
@@ -181,7 +185,11 @@ class PreferenceModule(L.LightningModule):
         """(chosen, rejected) log-probs of the answers under the current model, each (B,)."""
         labels = batch.labels[:, 1:]  # (2B, T-1): position t scores token t+1
         head = self._lean_head_weight(batch)
-        if head is None:
+        if self.hparams.padding_free:
+            packed = pack_rows(batch.input_ids, batch.attention_mask, batch.labels, ignore_index=IGNORE_INDEX)
+            logps = packed_sequence_logps(self.policy, packed, head_weight=head, average=average,
+                                          chunk_size=self.hparams.logits_chunk_size, ignore_index=IGNORE_INDEX)
+        elif head is None:
             logits = self(batch.input_ids, batch.attention_mask)  # (2B, T, V)
             logps = sequence_logps(logits[:, :-1], labels, average=average, ignore_index=IGNORE_INDEX)
         else:
