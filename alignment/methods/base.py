@@ -16,8 +16,9 @@ from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
 from alignment.errors import ConfigError
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.metrics import MeanTracker
-from alignment.model import TINY, add_lora, load_base
+from alignment.model import add_lora, load_base
 from alignment.resume import check_resume, rng_states, run_identity, set_rng_state
+from alignment.tiny import TINY
 
 Split = Literal["train", "validation"]
 log = logging.getLogger(__name__)
@@ -36,12 +37,21 @@ class PreferenceModule(L.LightningModule):
     """Shared by every method: builds the policy (frozen base + LoRA), logs, optimizes, saves adapters only.
 
     Args:
-        base: hub name or local path of the base model; "tiny" is a random 2-layer Llama built offline.
+        base: hub name or local path of the base model, a .gguf file, or "tiny" (a random 2-layer Llama built
+            offline).
+        revision: the hub revision (branch, tag or commit) of `base`; None: the default branch.
         load_in_4bit: quantize the base to nf4 with double quantization (pre-quantized bases stay as they are).
         compute_dtype: dtype of the base's computation; "auto": bfloat16 on CUDA, float32 on CPU.
+        lora_r: rank of the LoRA matrices.
+        lora_alpha: LoRA scaling numerator: the update is (alpha / r) * B @ A.
+        lora_dropout: dropout on the LoRA branch's input during training.
         lora_target_modules: "all-linear" or a list of module names (e.g. [q_proj, v_proj]).
         gradient_checkpointing: recompute activations in backward (less memory, ~1/3 more compute).
+        learning_rate: peak learning rate of the adapters (after warmup).
+        weight_decay: AdamW's decoupled weight decay on the adapters.
         lr_scheduler: cosine or linear decay to 0 (or constant) after `warmup_ratio` / `warmup_steps`.
+        warmup_ratio: share of the run's optimizer steps spent warming up linearly from 0.
+        warmup_steps: warmup in optimizer steps; when > 0 it wins over `warmup_ratio`.
         optimizer: AdamW, or bitsandbytes' 8-bit AdamW (smaller optimizer state).
         beta: DPO's KL weight / ORPO's odds-ratio weight (lambda in the ORPO paper).
         lean_logps: log-probs from the final hidden states, logits only at answer tokens and a chunk at a time

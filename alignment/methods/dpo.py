@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
+from alignment.hub import resolve_base
 from alignment.losses import MEAN_LOGPS_LOSSES, DPOLossType, RunningMean, chosen_nll, dpo_loss, rpo_loss
 from alignment.methods.base import REWARD_METRICS, PreferenceModule, Split, _check, answer_tokens, reward_metrics
-from alignment.model import resolve_base
 from alignment.reference import (
     ReferenceCache,
     ReferencePassStopped,
