@@ -14,13 +14,14 @@ class SimPO(PreferenceModule):
     - gamma) on per-token MEAN log-probs; no reference model. As TRL's CPO trainer with loss_type="simpo".
 
     Logged as TRL logs it: `logps/*` the per-token mean log-probs, `rewards/*` beta times them, `nll_loss` the
-    chosen answers' token-mean NLL (whatever `cpo_alpha`).
+    chosen answers' token-mean NLL (whatever `cpo_alpha`; TRL logs 0 when it is 0).
 
     Args:
-        beta: the reward scale (2.0, TRL's and the paper's usual; the paper sweeps 2 to 10).
-        gamma: the target reward margin (TRL's simpo_gamma; the paper's gamma, about 0.5 to 1.5 with beta 2.5).
+        beta: the reward scale, 2.0 (TRL's CPOConfig defaults to 0.1 for every loss type; SimPO wants about 2).
+        gamma: the target reward margin, in reward units (TRL's simpo_gamma, default 0.5).
         label_smoothing: assumed share of flipped labels (conservative, as TRL's).
-        cpo_alpha: weight of the chosen answers' NLL added to the loss (0: SimPO; > 0: "CPO-SimPO").
+        cpo_alpha: weight of the chosen answers' NLL added to the loss; 0: SimPO (TRL's default is 1.0, which
+            makes its "simpo" CPO-SimPO unless set to 0).
     """
 
     metric_names = REWARD_METRICS + ["nll_loss"]
