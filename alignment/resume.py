@@ -1,5 +1,5 @@
-"""What exact resume needs beyond Lightning's own: atomic checkpoint files, the RNG state, and a refusal to
-continue a run with another model, data or method."""
+"""What exact resume needs beyond Lightning's own: atomic checkpoint files, the metrics file kept up to the
+checkpoint, and `ExactResume` (the RNG state, and a refusal to continue a run with another model, data or method)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import random
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -191,42 +193,88 @@ def _as_tuples(value: Any) -> Any:  # random.setstate wants tuples; a checkpoint
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+# data settings a resumed run may change: where the pairs are read from and how they are cut (the training pairs'
+# digest says whether the pairs themselves changed), and validation and loading knobs
+DATA_MAY_CHANGE = {
+    "path", "split", "val_path", "val_split", "val_fraction", "columns", "limit", "tokenizer", "revision",
+    "use_chat_template", "max_length", "max_prompt_length", "eval_batch_size", "pad_to_multiple_of", "num_workers",
+}  # fmt: skip
+
+
+class ExactResume(Callback):
+    """The bookkeeping of an exact resume, beyond Lightning's loop, optimizer and data-loader state.
+
+    Saves every process's RNG state (LoRA dropout draws from it) and the run's identity (method, training pairs,
+    process layout) in each checkpoint. On resume, refuses another method, another setting of the model or the
+    objective, or other training pairs or batching (comparing the hyper-parameters Lightning saved in the
+    checkpoint with the current ones, less the knobs that may change: `MAY_CHANGE`, `DATA_MAY_CHANGE`), and puts
+    the RNG state back at the first step. Every `PreferenceModule` adds one (`configure_callbacks`).
+    """
+
+    def __init__(self) -> None:
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # dropout's masks after the resume are those the run would have drawn, in every process
+        checkpoint["rng"] = rng_states(trainer)
+        checkpoint["run"] = run_identity(pl_module, trainer.datamodule, trainer)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn == "fit" and "run" in checkpoint:  # a resume, not a validate --ckpt_path
+            check_resume(checkpoint, pl_module, trainer.datamodule, trainer)
+        states = checkpoint.get("rng") or [None]
+        rank = trainer.global_rank
+        self._rng_to_restore = states[rank] if rank < len(states) else states[0]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+                             ) -> None:  # fmt: skip
+        # restored here, at the first step after loading a checkpoint, not when loading it: nothing drawn in
+        # between (sanity check, data loading) can shift it
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+
 def run_identity(module, datamodule, trainer) -> dict[str, Any]:
-    """What a resumed run must share with the checkpoint: the method, its model and objective settings, and the
-    training pairs and their batching."""
-    hparams = {k: v for k, v in dict(module.hparams).items() if k not in MAY_CHANGE}
-    if hparams.get("adapter") is not None:  # the adapter the run started from may have been trained over since
-        hparams["adapter_weights"] = file_digest(adapter_weights(hparams["adapter"]))
-    identity: dict[str, Any] = {"method": type(module).__name__, "model": hparams}
+    """What a checkpoint records of its run beside the hyper-parameters Lightning saves: the method, the weights of
+    the adapter it started from, the training pairs, and the process layout."""
+    identity: dict[str, Any] = {"method": type(module).__name__, "model": {}}
+    adapter = module.hparams.get("adapter")
+    if adapter is not None:  # the adapter the run started from may have been trained over since
+        identity["model"]["adapter_weights"] = file_digest(adapter_weights(adapter))
     if datamodule is not None and hasattr(datamodule, "digest"):
-        data = datamodule.hparams
-        identity["data"] = {
-            "training pairs (content, tokenization, truncation)": datamodule.digest("train"),
-            "batch_size": data.batch_size,
-            "group_by_length": data.group_by_length,
-            "seed": data.seed,
-        }
+        identity["data"] = {"training pairs (content, tokenization, truncation)": datamodule.digest("train")}
     identity["processes"] = {"world_size": trainer.world_size, "accumulate": trainer.accumulate_grad_batches}
     return identity
 
 
-def check_resume(saved: dict[str, Any], current: dict[str, Any], checkpoint: str = "the checkpoint") -> None:
+def _settings(hparams: Any, may_change: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in dict(hparams or {}).items() if k not in may_change and not k.startswith("_")}
+
+
+def check_resume(checkpoint: dict, module, datamodule, trainer) -> None:
     """Refuse a different method, model, objective or data; warn when only the process layout differs."""
+    saved, current = checkpoint["run"], run_identity(module, datamodule, trainer)
+    where = str(trainer.ckpt_path or "the checkpoint")
     if saved.get("method") != current["method"]:
         raise ConfigError(
-            f"cannot resume: {checkpoint} was trained with {saved.get('method')}, this run is {current['method']}; "
+            f"cannot resume: {where} was trained with {saved.get('method')}, this run is {current['method']}; "
             "start a new run in another --trainer.default_root_dir"
         )
+    model = _settings(checkpoint.get("hyper_parameters"), MAY_CHANGE) | saved.get("model", {})
+    groups = {"model": (model, _settings(module.hparams, MAY_CHANGE) | current["model"])}
+    if "data" in current and "datamodule_hyper_parameters" in checkpoint:
+        data = _settings(checkpoint["datamodule_hyper_parameters"], DATA_MAY_CHANGE) | saved.get("data", {})
+        groups["data"] = (data, _settings(datamodule.hparams, DATA_MAY_CHANGE) | current["data"])
     changed = [
-        f"{group}.{key}: {saved[group].get(key)!r} in the checkpoint, {value!r} now"
-        for group in ("model", "data")
-        if group in saved and group in current
-        for key, value in current[group].items()
-        if saved[group].get(key, value) != value
+        f"{group}.{key}: {before.get(key)!r} in the checkpoint, {value!r} now"
+        for group, (before, now) in groups.items()
+        for key, value in now.items()
+        if before.get(key, value) != value
     ]
     if changed:
         raise ConfigError(
-            f"cannot resume from {checkpoint}: this run changes " + "; ".join(changed)
+            f"cannot resume from {where}: this run changes " + "; ".join(changed)
             + ". Resume with the run's own config.yaml, or start a new run in another --trainer.default_root_dir"
         )  # fmt: skip
     if saved.get("processes") != current["processes"]:

@@ -78,7 +78,10 @@ def test_without_the_rng_state_dropout_would_differ(pairs, tmp_path):
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"beta": 0.5}, "model.beta: 0.1 in the checkpoint, 0.5 now"), ({"lora_r": 4}, "model.lora_r")],
+    [
+        ({"beta": 0.5}, "model.beta: 0.1 in the checkpoint, 0.5 now"),
+        ({"lora_r": 4}, "model.lora_r: 16 in the checkpoint, 4 now"),
+    ],
 )
 def test_resume_with_another_model_or_objective_is_refused(pairs, tmp_path, change, message):
     run(ORPO, pairs, tmp_path, max_steps=2)

@@ -22,7 +22,7 @@ from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.metrics import MeanTracker
 from alignment.model import POLICY_ADAPTER, REFERENCE_ADAPTER, add_lora, load_base, load_lora, read_adapter
 from alignment.packing import pack_rows, packed_sequence_logps
-from alignment.resume import check_resume, rng_states, run_identity, set_rng_state
+from alignment.resume import ExactResume
 from alignment.tiny import TINY
 
 Split = Literal["train", "validation"]
@@ -39,6 +39,10 @@ REWARD_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accurac
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+# the settings that decide the adapters' names and shapes
+_ADAPTER_SHAPE = ("base", "adapter", "lora_r", "lora_target_modules")
 
 
 class PreferenceModule(L.LightningModule):
@@ -113,7 +117,6 @@ class PreferenceModule(L.LightningModule):
         self.train_metrics = MeanTracker(self.metric_names)
         self.val_metrics = MeanTracker(self.metric_names)
         self._last_logged_step = -1
-        self._rng_to_restore: dict | None = None
         self._lean_checked = False  # the lean path compared with the plain one on a first batch
         self._lean_refused = False  # the plain path for the rest of the run
 
@@ -187,8 +190,14 @@ class PreferenceModule(L.LightningModule):
         head = self._lean_head_weight(batch)
         if self.hparams.padding_free:
             packed = pack_rows(batch.input_ids, batch.attention_mask, batch.labels, ignore_index=IGNORE_INDEX)
-            logps = packed_sequence_logps(self.policy, packed, head_weight=head, average=average,
-                                          chunk_size=self.hparams.logits_chunk_size, ignore_index=IGNORE_INDEX)
+            logps = packed_sequence_logps(
+                self.policy,
+                packed,
+                head_weight=head,
+                average=average,
+                chunk_size=self.hparams.logits_chunk_size,
+                ignore_index=IGNORE_INDEX,
+            )
         elif head is None:
             logits = self(batch.input_ids, batch.attention_mask)  # (2B, T, V)
             logps = sequence_logps(logits[:, :-1], labels, average=average, ignore_index=IGNORE_INDEX)
@@ -302,12 +311,8 @@ class PreferenceModule(L.LightningModule):
         accuracy = metrics["val/rewards/accuracies"]
         self.log("val_acc", accuracy, prog_bar=True, logger=False, on_step=False, on_epoch=True, sync_dist=True)
 
-    def on_train_batch_start(self, batch: PreferenceBatch, batch_idx: int) -> None:
-        # restored here, at the first step after loading a checkpoint, not when loading it: nothing drawn in
-        # between (sanity check, data loading) can shift it
-        if self._rng_to_restore is not None:
-            set_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [ExactResume()]  # the RNG state and the run's identity in each checkpoint, checked on resume
 
     # ---- adapter-only checkpoints -------------------------------------------------------------------------------
 
@@ -317,25 +322,26 @@ class PreferenceModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self._adapter_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        # LoRA dropout's masks after the resume are those the run would have drawn, in every process
-        checkpoint["rng"] = rng_states(self.trainer if self.attached else None)
-        if self.attached:
-            checkpoint["run"] = run_identity(self, self.trainer.datamodule, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.attached and self.trainer.state.fn == "fit" and "run" in checkpoint:  # a resume
-            identity = run_identity(self, self.trainer.datamodule, self.trainer)
-            check_resume(checkpoint["run"], identity, checkpoint=str(self.trainer.ckpt_path or "the checkpoint"))
-        states = checkpoint.get("rng") or [None]
-        rank = self.trainer.global_rank if self.attached else 0
-        self._rng_to_restore = states[rank] if rank < len(states) else states[0]
-        stored = {k for k in checkpoint["state_dict"] if not k.startswith(("train_metrics.", "val_metrics."))}
-        expected = self._adapter_keys()
-        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-        if missing or unexpected:
+        # before the weights load (a LoRA rank that differs would fail there, naming no setting); the rest of the
+        # resume check is ExactResume's
+        stored = {k: v.shape for k, v in checkpoint["state_dict"].items()
+                  if not k.startswith(("train_metrics.", "val_metrics."))}  # fmt: skip
+        expected = {name: p.shape for name, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+        reshaped = sorted(k for k in expected.keys() & stored.keys() if expected[k] != stored[k])
+        if missing or unexpected or reshaped:
+            saved = checkpoint.get("hyper_parameters") or {}
+            changed = [f"model.{k}: {saved[k]!r} in the checkpoint, {self.hparams[k]!r} now" for k in _ADAPTER_SHAPE
+                       if k in saved and saved[k] != self.hparams.get(k)]  # fmt: skip
+            detail = "; ".join(changed) or (
+                f"{len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}; "
+                f"{len(reshaped)} of another shape, e.g. {reshaped[:2]}"
+            )
             raise ConfigError(
                 "the checkpoint's adapters do not match this model's (another base, LoRA rank or target modules?): "
-                f"{len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}"
+                + detail
             )
 
 
