@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from alignment.methods.base import PreferenceModule
     from alignment.methods.dpo import DPO
     from alignment.methods.orpo import ORPO
+    from alignment.methods.sft import SFT
 
 # imported on first use (PEP 562): `python cli.py --help` and the after-training verbs must not wait for torch
 _HOMES = {
@@ -21,6 +22,7 @@ _HOMES = {
     "PreferenceDataModule": "alignment.data",
 }
 __all__ = ["DPO", "ORPO", "PreferenceBatch", "PreferenceDataModule", "PreferenceModule"]  # and every METHODS name
+__all__ += ["SFT"]
 
 
 def __getattr__(name: str) -> Any:

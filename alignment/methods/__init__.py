@@ -7,4 +7,5 @@ package's top level and the tests read it.
 METHODS = {
     "DPO": "alignment.methods.dpo",
     "ORPO": "alignment.methods.orpo",
+    "SFT": "alignment.methods.sft",
 }

@@ -50,6 +50,7 @@ class PreferenceModule(L.LightningModule):
     """
 
     metric_names: list[str] = REWARD_METRICS
+    progress_metric: str = "rewards/accuracies"  # shown in the progress bar as acc / val_acc
 
     def __init__(
         self,
@@ -132,6 +133,19 @@ class PreferenceModule(L.LightningModule):
                 chunk_size=self.hparams.logits_chunk_size,
             )  # fmt: skip
         return logps.chunk(2)
+
+    def row_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, average: bool) -> Tensor:
+        """Log-probs (R,) of the labelled tokens of each of R rows (input_ids, attention_mask, labels (R, T)) under
+        the current model, by the path `sequence_logps` takes."""
+        head = self._lean_head_weight()
+        if head is None:
+            logits = self(input_ids, attention_mask)  # (R, T, V)
+            return sequence_logps(logits[:, :-1], labels[:, 1:], average=average, ignore_index=IGNORE_INDEX)
+        hidden = self.hidden_states(input_ids, attention_mask)  # (R, T, H)
+        return sequence_logps_from_hidden(
+            hidden[:, :-1], head, labels[:, 1:], average=average, ignore_index=IGNORE_INDEX,
+            chunk_size=self.hparams.logits_chunk_size,
+        )  # fmt: skip
 
     def _lean_head_weight(self) -> Tensor | None:
         """The LM head's weight (V, H) when the lean path applies: on, and a plain frozen projection with no
@@ -218,7 +232,8 @@ class PreferenceModule(L.LightningModule):
             self.log(name, value, logger=False, on_step=True, on_epoch=False)
         # short names: the progress bar truncates long ones
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        self.log("acc", metrics["train/rewards/accuracies"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        accuracy = metrics[f"train/{self.progress_metric}"]
+        self.log("acc", accuracy, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_metrics.empty:
@@ -229,7 +244,7 @@ class PreferenceModule(L.LightningModule):
             return
         # already synced by torchmetrics; sync_dist averages identical values, and keeps Lightning from warning
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
-        accuracy = metrics["val/rewards/accuracies"]
+        accuracy = metrics[f"val/{self.progress_metric}"]
         self.log("val_acc", accuracy, prog_bar=True, logger=False, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_train_batch_start(self, batch: PreferenceBatch, batch_idx: int) -> None:
