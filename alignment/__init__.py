@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from alignment.data import PreferenceBatch, PreferenceDataModule
     from alignment.methods.base import PreferenceModule
     from alignment.methods.dpo import DPO
+    from alignment.methods.kto import KTO
     from alignment.methods.orpo import ORPO
     from alignment.methods.sft import SFT
 
@@ -22,7 +23,7 @@ _HOMES = {
     "PreferenceDataModule": "alignment.data",
 }
 __all__ = ["DPO", "ORPO", "PreferenceBatch", "PreferenceDataModule", "PreferenceModule"]  # and every METHODS name
-__all__ += ["SFT"]
+__all__ += ["KTO", "SFT"]
 
 
 def __getattr__(name: str) -> Any:

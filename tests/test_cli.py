@@ -78,7 +78,7 @@ def test_every_config_parses(config, capsys):
         main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] in ("alignment.DPO", "alignment.ORPO", "alignment.SFT")
+    assert printed["model"]["class_path"] in ("alignment.DPO", "alignment.ORPO", "alignment.SFT", "alignment.KTO")
     assert "tokenizer" not in printed["data"]  # linked from model.base, not set by hand
 
 

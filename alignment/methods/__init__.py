@@ -8,4 +8,5 @@ METHODS = {
     "DPO": "alignment.methods.dpo",
     "ORPO": "alignment.methods.orpo",
     "SFT": "alignment.methods.sft",
+    "KTO": "alignment.methods.kto",
 }
