@@ -89,16 +89,21 @@ def load_rows(
     Raises:
         DataError: the data cannot be read or a row is malformed; the message says where and why.
     """
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--data.limit must be a positive number of rows, got {limit}")
     cols = _column_map(columns)
     with _gc_paused():
-        label, records = _read_records(str(path), split, limit)
-        if not records:
-            raise DataError(f"{label} has no rows")
+        label, records = _read_rows(path, split, limit)
         rows = [_to_row(source, record, cols) for source, record in records]
     _warn_identical(label, rows)
     return rows
+
+
+def _read_rows(path: str, split: str, limit: int | None) -> tuple[str, list[tuple[str, Record]]]:
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--data.limit must be a positive number of rows, got {limit}")
+    label, records = _read_records(str(path), split, limit)
+    if not records:
+        raise DataError(f"{label} has no rows")
+    return label, records
 
 
 def load_completions(
@@ -119,13 +124,9 @@ def load_completions(
     Raises:
         DataError: as `load_rows`; also a missing or non-boolean label, a conversation without an assistant turn.
     """
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--data.limit must be a positive number of rows, got {limit}")
     cols = _column_map(columns)
     with _gc_paused():
-        label, records = _read_records(str(path), split, limit)
-        if not records:
-            raise DataError(f"{label} has no rows")
+        _, records = _read_rows(path, split, limit)
         first = records[0][1]
         if cols.names["chosen"] in first or cols.names["rejected"] in first:
             rows: list = [_to_row(source, record, cols) for source, record in records]
