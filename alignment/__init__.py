@@ -12,7 +12,9 @@ if TYPE_CHECKING:
     from alignment.methods.base import PreferenceModule
     from alignment.methods.cpo import CPO
     from alignment.methods.dpo import DPO
+    from alignment.methods.kto import KTO
     from alignment.methods.orpo import ORPO
+    from alignment.methods.sft import SFT
     from alignment.methods.simpo import SimPO
 
 # imported on first use (PEP 562): `python cli.py --help` and the after-training verbs must not wait for torch
@@ -22,8 +24,7 @@ _HOMES = {
     "PreferenceBatch": "alignment.data",
     "PreferenceDataModule": "alignment.data",
 }
-# and every METHODS name
-__all__ = ["CPO", "DPO", "ORPO", "SimPO", "PreferenceBatch", "PreferenceDataModule", "PreferenceModule"]
+__all__ = ["CPO", "DPO", "KTO", "ORPO", "SFT", "SimPO", "PreferenceBatch", "PreferenceDataModule", "PreferenceModule"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,10 @@
-"""Preference pairs → token ids → padded (2B, T) batches, and the DataModule that wires them."""
+"""Preference pairs → token ids → padded (2B, T) batches, and the DataModule that wires them.
+
+Methods that train on single answers get other items from the same module: SFT a prompt and one answer per row,
+padded to (B, T) batches; KTO a prompt, its answer and the answer of another row (the mismatched pair of its KL
+estimate), with a desirable/undesirable label, padded to (2B, T) as pairs are. The method says which (its
+`data_kind`); the rows' format is told from their columns (`alignment.rows.load_completions`).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,10 @@ import hashlib
 import logging
 import math
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -21,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from alignment.encoding import tokenize_rows
 from alignment.errors import ConfigError
 from alignment.model import load_tokenizer
-from alignment.rows import DataError, PreferenceRow, load_rows
+from alignment.rows import CompletionRow, DataError, PreferenceRow, load_completions, load_rows
 from alignment.samplers import PairBatchSampler, ShardSampler
 from alignment.tiny import TINY
 
@@ -29,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DEMO_PAIRS = Path(__file__).parent / "assets" / "demo_pairs.jsonl"
 IGNORE_INDEX = -100
+DataKind = Literal["pairs", "sequences", "unpaired"]  # DPO/ORPO, SFT, KTO
 
 
 class TokenizedPair(NamedTuple):
@@ -37,12 +44,58 @@ class TokenizedPair(NamedTuple):
     rejected_ids: list[int]
     index: int  # position of the pair in its split
 
+    @property
+    def answers(self) -> tuple[list[int], ...]:
+        return self.chosen_ids, self.rejected_ids
+
+
+class TokenizedSequence(NamedTuple):
+    """One prompt and one answer (SFT)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]  # the answer only; the full sequence is prompt_ids + completion_ids
+    index: int  # position in its split
+
+    @property
+    def answers(self) -> tuple[list[int], ...]:
+        return (self.completion_ids,)
+
+
+class TokenizedUnpaired(NamedTuple):
+    """One prompt, its answer and its label (KTO), with another row's answer to the same prompt: the mismatched
+    (prompt, completion) pair whose log-ratio estimates the KL reference point (Ethayarajh et al. 2024, sec. 4.1)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]  # the rest of tokenize(prompt text + completion text)
+    kl_completion_ids: list[int]  # the rest of tokenize(prompt text + another row's completion text)
+    index: int  # position in its split
+    desirable: bool  # the label: true for a desirable completion
+
+    @property
+    def answers(self) -> tuple[list[int], ...]:
+        return self.completion_ids, self.kl_completion_ids
+
 
 class PreferenceBatch(NamedTuple):
     input_ids: Tensor  # (2B, T) chosen rows first, then rejected rows, right-padded
     attention_mask: Tensor  # (2B, T) 1 on real tokens
     labels: Tensor  # (2B, T) = input_ids on answer tokens, IGNORE_INDEX on prompt and padding
     index: Tensor  # (B,) position of each pair in its split
+
+
+class SequenceBatch(NamedTuple):
+    input_ids: Tensor  # (B, T) prompt + answer, right-padded
+    attention_mask: Tensor  # (B, T) 1 on real tokens
+    labels: Tensor  # (B, T) = input_ids on answer tokens, IGNORE_INDEX on prompt and padding
+    index: Tensor  # (B,) position of each row in its split
+
+
+class UnpairedBatch(NamedTuple):
+    input_ids: Tensor  # (2B, T) completion rows first, then the KL rows (prompt + another row's completion)
+    attention_mask: Tensor  # (2B, T) 1 on real tokens
+    labels: Tensor  # (2B, T) = input_ids on answer tokens, IGNORE_INDEX on prompt and padding
+    index: Tensor  # (B,) position of each row in its split
+    desirable: Tensor  # (B,) bool, the rows' labels
 
 
 # ---- pure functions on ids ---------------------------------------------------------------------------------------
@@ -92,6 +145,30 @@ def collate_pairs(pairs: list[TokenizedPair], *, pad_id: int, pad_to_multiple_of
     """Stack B pairs into one (2B, T) batch: chosen rows, then rejected rows, right-padded."""
     sequences = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
     prompt_lengths = [len(p.prompt_ids) for p in pairs] * 2
+    index = torch.tensor([p.index for p in pairs], dtype=torch.long)
+    return PreferenceBatch(*_padded(sequences, prompt_lengths, pad_id, pad_to_multiple_of), index)
+
+
+def collate_sequences(rows: list[TokenizedSequence], *, pad_id: int, pad_to_multiple_of: int = 1) -> SequenceBatch:
+    """Stack B prompt + answer rows into one (B, T) batch, right-padded; labels on the answers."""
+    sequences = [r.prompt_ids + r.completion_ids for r in rows]
+    index = torch.tensor([r.index for r in rows], dtype=torch.long)
+    return SequenceBatch(*_padded(sequences, [len(r.prompt_ids) for r in rows], pad_id, pad_to_multiple_of), index)
+
+
+def collate_unpaired(rows: list[TokenizedUnpaired], *, pad_id: int, pad_to_multiple_of: int = 1) -> UnpairedBatch:
+    """Stack B labelled rows into one (2B, T) batch: the completion rows, then the KL rows, right-padded."""
+    sequences = [r.prompt_ids + r.completion_ids for r in rows] + [r.prompt_ids + r.kl_completion_ids for r in rows]
+    prompt_lengths = [len(r.prompt_ids) for r in rows] * 2
+    index = torch.tensor([r.index for r in rows], dtype=torch.long)
+    desirable = torch.tensor([r.desirable for r in rows], dtype=torch.bool)
+    return UnpairedBatch(*_padded(sequences, prompt_lengths, pad_id, pad_to_multiple_of), index, desirable)
+
+
+def _padded(
+    sequences: list[list[int]], prompt_lengths: list[int], pad_id: int, pad_to_multiple_of: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, labels), each (R, T): right-padded, labels only after each prompt."""
     width = max(len(s) for s in sequences)
     width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -102,22 +179,24 @@ def collate_pairs(pairs: list[TokenizedPair], *, pad_id: int, pad_to_multiple_of
         input_ids[row, : len(sequence)] = ids
         attention_mask[row, : len(sequence)] = 1
         labels[row, prompt_length : len(sequence)] = ids[prompt_length:]
-    index = torch.tensor([p.index for p in pairs], dtype=torch.long)
-    return PreferenceBatch(input_ids, attention_mask, labels, index)
+    return input_ids, attention_mask, labels
 
 
-def pair_length(pair: TokenizedPair) -> int:
+def pair_length(pair: TokenizedPair | TokenizedSequence | TokenizedUnpaired) -> int:
     """Width of the pair's longer row: what it costs in a padded batch."""
-    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+    return len(pair.prompt_ids) + max(len(answer) for answer in pair.answers)
 
 
-def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
-    """sha256 of the token ids of every pair, in order: covers the data, tokenizer, chat template and truncation."""
+def pairs_digest(pairs: Sequence[TokenizedPair | TokenizedSequence | TokenizedUnpaired]) -> str:
+    """sha256 of the token ids of every pair (and KTO's labels), in order: covers the data, tokenizer, chat
+    template and truncation."""
     digest = hashlib.sha256()
     for pair in pairs:
-        for part in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+        for part in (pair.prompt_ids, *pair.answers):
             digest.update(len(part).to_bytes(4, "little"))
             digest.update(array("q", part).tobytes())
+        if isinstance(pair, TokenizedUnpaired):
+            digest.update(bytes([pair.desirable]))
     return digest.hexdigest()
 
 
@@ -140,11 +219,17 @@ def build_pairs(
     max_length: int,
     max_prompt_length: int | None,
     split: str,
-) -> list[TokenizedPair]:
-    """Tokenize and truncate a split; says in the log how many rows were cut and dropped."""
+    example: Callable[[TokenizedPair, int], TokenizedSequence | TokenizedUnpaired] | None = None,
+    unit: str = "pairs",
+) -> list:
+    """Tokenize and truncate a split; says in the log how many rows were cut and dropped.
+
+    `example(pair, position)` turns the pair made of the row at `position` into the split's item (SFT, KTO: the
+    rows come as pairs of one answer and another, see `single_answer_rows`); `unit` names the items in the log.
+    """
     encoded = tokenize_rows(rows, tokenizer, use_chat_template, f"tokenizing {split}", layout_over=max_prompt_length)
     pairs, dropped, long_heads, cut_prompts, cut_answers, same = [], [], [], 0, 0, 0
-    for row, enc in zip(rows, encoded, strict=True):
+    for position, (row, enc) in enumerate(zip(rows, encoded, strict=True)):
         pair = truncate_pair(
             enc.prompt_ids, enc.chosen_ids, enc.rejected_ids, len(pairs),
             max_length=max_length, max_prompt_length=max_prompt_length, head=enc.head, template=enc.template,
@@ -156,29 +241,82 @@ def build_pairs(
             continue
         cut_prompts += len(pair.prompt_ids) < len(enc.prompt_ids)
         cut_answers += len(pair.chosen_ids) < len(enc.chosen_ids) or len(pair.rejected_ids) < len(enc.rejected_ids)
-        same += pair.chosen_ids == pair.rejected_ids
-        pairs.append(pair)
+        if example is None:
+            same += pair.chosen_ids == pair.rejected_ids
+            pairs.append(pair)
+        else:
+            pairs.append(example(pair, position))
     log.info(
-        "%s: %d pairs; %d prompts cut to max_prompt_length=%s (their start and end kept), "
-        "%d pairs with answers cut to max_length=%d",
-        split, len(pairs), cut_prompts, max_prompt_length, cut_answers, max_length,
+        "%s: %d %s; %d prompts cut to max_prompt_length=%s (their start and end kept), "
+        "%d %s with answers cut to max_length=%d",
+        split, len(pairs), unit, cut_prompts, max_prompt_length, cut_answers, unit, max_length,
     )  # fmt: skip
     if dropped:
         log.warning(
-            "%s: dropped %d pairs whose prompt leaves no room for an answer in max_length=%d (first: %s)",
-            split, len(dropped), max_length, ", ".join(dropped[:3]),
+            "%s: dropped %d %s whose prompt leaves no room for an answer in max_length=%d (first: %s)",
+            split, len(dropped), unit, max_length, ", ".join(dropped[:3]),
         )  # fmt: skip
     if long_heads:
         log.warning(
-            "%s: dropped %d pairs whose template start (BOS, system turn, first header) and generation prompt "
+            "%s: dropped %d %s whose template start (BOS, system turn, first header) and generation prompt "
             "alone exceed max_prompt_length=%d (first: %s)",
-            split, len(long_heads), max_prompt_length, ", ".join(long_heads[:3]),
+            split, len(long_heads), unit, max_prompt_length, ", ".join(long_heads[:3]),
         )  # fmt: skip
     if same:
         log.warning("%s: %d pairs have identical chosen and rejected tokens after truncation", split, same)
     if not pairs:
-        raise DataError(f"{split}: no pair fits in max_length={max_length} (max_prompt_length={max_prompt_length})")
+        raise DataError(
+            f"{split}: no {unit.removesuffix('s')} fits in max_length={max_length} "
+            f"(max_prompt_length={max_prompt_length})"
+        )
     return pairs
+
+
+def single_answer_rows(
+    rows: list[PreferenceRow | CompletionRow], kind: DataKind, seed: int
+) -> tuple[list[PreferenceRow], list[bool]]:
+    """Rows of single answers as pairs for `tokenize_rows`, and their labels.
+
+    sequences (SFT): (prompt, answer, answer), the answer being a pair's chosen one, or a completion; completions
+    labelled undesirable are left out. unpaired (KTO): each pair gives a desirable row (chosen) and an undesirable
+    one (rejected), as TRL's `unpair_preference_dataset`; then (prompt, completion, KL completion) where the KL
+    completion is that of the row before it in a seeded shuffle of the split: every completion serves once as
+    another prompt's mismatched answer.
+    """
+    singles: list[CompletionRow] = []
+    for row in rows:
+        if isinstance(row, PreferenceRow):
+            singles.append(CompletionRow(row.prompt, row.chosen, True, row.system, row.source))
+            if kind == "unpaired":
+                singles.append(CompletionRow(row.prompt, row.rejected, False, row.system, row.source))
+        elif kind == "unpaired" or row.label is not False:
+            singles.append(row)
+    if kind == "sequences":
+        if len(singles) < len(rows):
+            log.info("SFT: %d completions labelled undesirable left out", len(rows) - len(singles))
+        return [PreferenceRow(r.prompt, r.completion, r.completion, r.system, r.source) for r in singles], []
+    if len(singles) < 2:
+        raise DataError(f"{rows[0].source}: KTO needs at least 2 rows in a split (its KL estimate pairs each prompt "
+                        "with another row's completion)")  # fmt: skip
+    order = torch.randperm(len(singles), generator=torch.Generator().manual_seed(seed)).tolist()
+    kl_source = {row: order[k - 1] for k, row in enumerate(order)}  # a derangement: never the row itself
+    pairs = [
+        PreferenceRow(r.prompt, r.completion, singles[kl_source[i]].completion, r.system, r.source)
+        for i, r in enumerate(singles)
+    ]
+    return pairs, [bool(r.label) for r in singles]
+
+
+def build_single_answers(rows: list, *, build: Callable, kind: DataKind, seed: int, split: str) -> list:
+    """`build_pairs` for SFT's (prompt, answer) rows or KTO's labelled rows, from `single_answer_rows`."""
+    pairs, labels = single_answer_rows(rows, kind, seed)
+
+    def example(pair: TokenizedPair, position: int) -> TokenizedSequence | TokenizedUnpaired:
+        if kind == "sequences":
+            return TokenizedSequence(pair.prompt_ids, pair.chosen_ids, pair.index)
+        return TokenizedUnpaired(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, pair.index, labels[position])
+
+    return build(pairs, split=split, example=example, unit="rows")
 
 
 def usable_val_split(path: str | None, val_split: str | None, val_path: str | None, val_fraction: float) -> str | None:
@@ -258,6 +396,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_set: PairDataset | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._digests: dict[str, str] = {}
+        self.data_kind: DataKind | None = None  # None: what the trainer's module trains on (its data_kind), or pairs
+        self._built_kind: DataKind | None = None
 
     def prepare_data(self) -> None:
         # hub datasets download here, once per node; local files are read in setup()
@@ -272,18 +412,27 @@ class PreferenceDataModule(L.LightningDataModule):
             sources.append((hp.val_path or hp.path, hp.val_split or hp.split))
         return sources
 
-    def _read(self, path: str | None, split: str) -> list[PreferenceRow]:
-        return load_rows(str(path or DEMO_PAIRS), split=split, columns=self.hparams.columns, limit=self.hparams.limit)
+    def kind(self) -> DataKind:
+        """What the items are: `data_kind` when set, else the data_kind of the trainer's module, else pairs."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return self.data_kind or getattr(module, "data_kind", "pairs")
+
+    def _read(self, path: str | None, split: str, kind: DataKind = "pairs") -> list:
+        hp, path = self.hparams, str(path or DEMO_PAIRS)
+        if kind == "pairs":
+            return load_rows(path, split=split, columns=hp.columns, limit=hp.limit)
+        return load_completions(path, split=split, columns=hp.columns, limit=hp.limit, labelled=kind == "unpaired")
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        kind = self.kind()
+        if self.train_set is not None and kind == self._built_kind:
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.tokenizer, hp.revision)
         sources = self._sources()
-        train_rows = self._read(*sources[0])
+        train_rows = self._read(*sources[0], kind)
         if len(sources) > 1:
-            val_rows = self._read(*sources[1])
+            val_rows = self._read(*sources[1], kind)
         else:
             train_rows, val_rows = split_rows(train_rows, hp.val_fraction, hp.seed)
         chat = hp.use_chat_template if hp.use_chat_template is not None else bool(self.tokenizer.chat_template)
@@ -296,8 +445,11 @@ class PreferenceDataModule(L.LightningDataModule):
             max_length=hp.max_length,
             max_prompt_length=hp.max_prompt_length,
         )
+        if kind != "pairs":
+            build = partial(build_single_answers, build=build, kind=kind, seed=hp.seed)
         self.train_set = PairDataset(build(train_rows, split="train"))
         self.val_set = PairDataset(build(val_rows, split="validation")) if val_rows else None
+        self._built_kind, self._digests = kind, {}
 
     def digest(self, split: str) -> str:
         """sha256 of a split's token ids ("train" or "validation"), computed once: the reference cache's key and
@@ -307,9 +459,12 @@ class PreferenceDataModule(L.LightningDataModule):
             self._digests[split] = pairs_digest(dataset.pairs)
         return self._digests[split]
 
-    def collate(self, pairs: list[TokenizedPair]) -> PreferenceBatch:
+    def collate(self, pairs: list) -> PreferenceBatch | SequenceBatch | UnpairedBatch:
         pad_to = self.hparams.pad_to_multiple_of
-        return collate_pairs(pairs, pad_id=self.tokenizer.pad_token_id, pad_to_multiple_of=pad_to)
+        collate = {TokenizedSequence: collate_sequences, TokenizedUnpaired: collate_unpaired}.get(
+            type(pairs[0]), collate_pairs
+        )
+        return collate(pairs, pad_id=self.tokenizer.pad_token_id, pad_to_multiple_of=pad_to)
 
     def _loader(self, dataset: PairDataset, **kwargs) -> StatefulDataLoader:
         # a generator of its own: creating an iterator draws a seed from it, which would otherwise come from the

@@ -167,7 +167,10 @@ def tokenize_rows(
             texts = [render_pair(row, tokenizer, use_chat_template) for row in batch]
             prompts = tokenizer([t[0] for t in texts], add_special_tokens=False, return_offsets_mapping=offsets_ok)
             chosen = tokenizer([t[0] + t[1] for t in texts], add_special_tokens=False)["input_ids"]
-            rejected = tokenizer([t[0] + t[2] for t in texts], add_special_tokens=False)["input_ids"]
+            if all(t[2] == t[1] for t in texts):  # single answers (SFT) come as pairs of one answer twice
+                rejected = chosen
+            else:
+                rejected = tokenizer([t[0] + t[2] for t in texts], add_special_tokens=False)["input_ids"]
             for i, row in enumerate(batch):
                 front = bos if bos and prompts["input_ids"][i][:1] != bos else []
                 prompt, whole_chosen, whole_rejected = (

@@ -4,6 +4,8 @@ on the same (model, data, lengths).
 An entry holds, for each split, a (N, 4) float32 table indexed by the pair's position in its split:
 summed log-probs of the chosen and rejected answers and their token counts. The per-token mean that
 IPO uses is sum / count, so one entry serves sum and mean losses alike.
+KTO's entries hold, in the same columns, each example's completion and its mismatched KL completion (another
+example's answer to its prompt).
 
 An entry may be partial: its `filled` mask (N,) per split says which rows hold values (the others are NaN). A
 short run (`--trainer.max_steps 2`) computes only the pairs its steps read, a longer run adds the rows it lacks,

@@ -13,6 +13,10 @@ Accepted rows (per row; columns can be renamed with `columns`):
 Message roles are `system`, `user` and `assistant`; any other is an error (templates drop roles they don't know).
 
 When any of the three is a message list, all three become message lists.
+
+Methods that train on single answers (SFT, KTO) read `load_completions`, which tells the row format from the first
+row's columns: preference pairs (as above), `{prompt, completion}` with an optional `label` (true: desirable), or
+chat conversations `{messages: [...]}` (the last assistant turn is the completion, the turns before it the prompt).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from unittest import mock
 
 from alignment.errors import ConfigError, DataError
 
-__all__ = ["DataError", "PreferenceRow", "load_rows"]
+__all__ = ["CompletionRow", "DataError", "PreferenceRow", "load_completions", "load_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,8 @@ Part = str | list[Message]
 Record = dict[str, Any]
 
 SUPPORTED = (".jsonl", ".json", ".parquet", ".csv")
-FIELDS = ("prompt", "chosen", "rejected", "system")
+FIELDS = ("prompt", "chosen", "rejected", "system", "completion", "label", "messages")
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "system")
 ANSWER_ROLE = "assistant"
 PROMPT_ROLES = ("user", "system")  # roles that may not appear inside an answer
 ROLES = ("system", "user", ANSWER_ROLE)
@@ -51,6 +56,17 @@ class PreferenceRow:
     rejected: str | list[Message]
     system: str | None = None  # optional system prompt
     source: str = ""  # where it came from, e.g. "pairs.jsonl, line 12" or "org/name[train], row 5"
+
+
+@dataclass(frozen=True)
+class CompletionRow:
+    """One answer to a prompt: what SFT trains on, and KTO with its label."""
+
+    prompt: str | list[Message]  # text, or the chat messages before the answer
+    completion: str | list[Message]  # text, or the assistant message(s)
+    label: bool | None = None  # KTO: true for a desirable completion, false for an undesirable one; None: unlabelled
+    system: str | None = None
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,16 +89,102 @@ def load_rows(
     Raises:
         DataError: the data cannot be read or a row is malformed; the message says where and why.
     """
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--data.limit must be a positive number of rows, got {limit}")
     cols = _column_map(columns)
     with _gc_paused():
-        label, records = _read_records(str(path), split, limit)
-        if not records:
-            raise DataError(f"{label} has no rows")
+        label, records = _read_rows(path, split, limit)
         rows = [_to_row(source, record, cols) for source, record in records]
     _warn_identical(label, rows)
     return rows
+
+
+def _read_rows(path: str, split: str, limit: int | None) -> tuple[str, list[tuple[str, Record]]]:
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--data.limit must be a positive number of rows, got {limit}")
+    label, records = _read_records(str(path), split, limit)
+    if not records:
+        raise DataError(f"{label} has no rows")
+    return label, records
+
+
+def load_completions(
+    path: str,
+    *,
+    split: str = "train",
+    columns: dict[str, str] | None = None,
+    limit: int | None = None,
+    labelled: bool = False,
+) -> list[PreferenceRow | CompletionRow]:
+    """Rows of single answers, or preference pairs, from wherever `load_rows` reads.
+
+    The format is told from the first row's columns: `chosen`/`rejected` (pairs: `PreferenceRow`s, checked as
+    `load_rows` checks them), `messages` (a conversation ending in an assistant turn), else `completion` with an
+    optional `label`. Every row is then checked against that format. `labelled`: every `completion` or `messages`
+    row must carry a true/false `label` (KTO).
+
+    Raises:
+        DataError: as `load_rows`; also a missing or non-boolean label, a conversation without an assistant turn.
+    """
+    cols = _column_map(columns)
+    with _gc_paused():
+        _, records = _read_rows(path, split, limit)
+        first = records[0][1]
+        if cols.names["chosen"] in first or cols.names["rejected"] in first:
+            rows: list = [_to_row(source, record, cols) for source, record in records]
+        else:
+            convert = _conversation_row if cols.names["messages"] in first else _completion_row
+            rows = [convert(source, record, cols, labelled) for source, record in records]
+    return rows
+
+
+def _completion_row(source: str, record: Record, cols: _Columns, labelled: bool) -> CompletionRow:
+    for field in ("prompt", "completion"):
+        if record.get(cols.names[field]) is None:
+            raise _missing(source, record, field, cols)
+    prompt = _check_part(source, "prompt", record[cols.names["prompt"]])
+    completion = _check_part(source, "completion", record[cols.names["completion"]])
+    if isinstance(prompt, list) or isinstance(completion, list):
+        prompt, completion = _as_messages(prompt, "user"), _as_messages(completion, ANSWER_ROLE)
+        stray = next((m["role"] for m in completion if m["role"] in PROMPT_ROLES), None)
+        if stray is not None:
+            raise DataError(f"{source}: field 'completion' holds a {stray!r} message; it must be the answer alone")
+    if _is_blank(completion):
+        raise DataError(f"{source}: field 'completion' is empty")
+    system = _check_system(source, record.get(cols.names["system"]))
+    return CompletionRow(prompt, completion, _check_label(source, record, cols, labelled), system, source)
+
+
+def _conversation_row(source: str, record: Record, cols: _Columns, labelled: bool) -> CompletionRow:
+    """The last assistant turn is the completion; the turns before it are the prompt."""
+    if record.get(cols.names["messages"]) is None:
+        raise _missing(source, record, "messages", cols)
+    messages = _check_part(source, "messages", record[cols.names["messages"]])
+    if not isinstance(messages, list):
+        raise DataError(f"{source}: field 'messages' must be a list of {{role, content}} messages, got str")
+    last = len(messages) - 1
+    if last < 0 or messages[last]["role"] != ANSWER_ROLE:
+        raise DataError(f"{source}: field 'messages' must end with an {ANSWER_ROLE!r} turn, the answer trained on")
+    if not messages[last]["content"].strip():
+        raise DataError(f"{source}: field 'messages', message {last + 1}: the last assistant turn is empty")
+    system = _check_system(source, record.get(cols.names["system"]))
+    label = _check_label(source, record, cols, labelled)
+    return CompletionRow(messages[:last], messages[last:], label, system, source)
+
+
+def _check_label(source: str, record: Record, cols: _Columns, labelled: bool) -> bool | None:
+    """True or false (JSON booleans, 1/0, or the strings true/false/1/0 of a CSV cell); None when absent and not
+    required."""
+    value = record.get(cols.names["label"])
+    if value is None:
+        if labelled:
+            raise _missing(source, record, "label", cols)
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise DataError(f"{source}: field 'label' must be true or false, got {value!r}")
 
 
 @contextmanager

@@ -69,8 +69,8 @@ def test_help_imports_neither_torch_nor_lightning(args):
     assert not {"torch", "lightning", "transformers", "peft"} & imported
 
 
-COLUMNS = """a mapping of field (prompt, chosen, rejected, system) to the data's column, e.g. --data.columns \
-'{"prompt": "question"}'"""
+COLUMNS = """a mapping of field (prompt, chosen, rejected, system, completion, label, messages) to the data's \
+column, e.g. --data.columns '{"prompt": "question"}'"""
 
 
 @pytest.mark.parametrize(

@@ -9,4 +9,6 @@ METHODS = {
     "ORPO": "alignment.methods.orpo",
     "SimPO": "alignment.methods.simpo",
     "CPO": "alignment.methods.cpo",
+    "SFT": "alignment.methods.sft",
+    "KTO": "alignment.methods.kto",
 }

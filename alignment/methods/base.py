@@ -77,6 +77,7 @@ class PreferenceModule(L.LightningModule):
 
     metric_names: list[str] = REWARD_METRICS
     has_reference: bool = False  # a method that scores the reference model (DPO) sets it
+    progress_metric: str = "rewards/accuracies"  # shown in the progress bar as acc / val_acc
 
     def __init__(
         self,
@@ -186,40 +187,37 @@ class PreferenceModule(L.LightningModule):
 
     def sequence_logps(self, batch: PreferenceBatch, *, average: bool) -> tuple[Tensor, Tensor]:
         """(chosen, rejected) log-probs of the answers under the current model, each (B,)."""
-        labels = batch.labels[:, 1:]  # (2B, T-1): position t scores token t+1
-        head = self._lean_head_weight(batch)
-        if self.hparams.padding_free:
-            packed = pack_rows(batch.input_ids, batch.attention_mask, batch.labels, ignore_index=IGNORE_INDEX)
-            logps = packed_sequence_logps(
-                self.policy,
-                packed,
-                head_weight=head,
-                average=average,
-                chunk_size=self.hparams.logits_chunk_size,
-                ignore_index=IGNORE_INDEX,
-            )
-        elif head is None:
-            logits = self(batch.input_ids, batch.attention_mask)  # (2B, T, V)
-            logps = sequence_logps(logits[:, :-1], labels, average=average, ignore_index=IGNORE_INDEX)
-        else:
-            hidden = self.hidden_states(batch.input_ids, batch.attention_mask)  # (2B, T, H)
-            logps = sequence_logps_from_hidden(
-                hidden[:, :-1], head, labels, average=average, ignore_index=IGNORE_INDEX,
-                chunk_size=self.hparams.logits_chunk_size,
-            )  # fmt: skip
-        return logps.chunk(2)
+        return self.row_logps(batch.input_ids, batch.attention_mask, batch.labels, average=average).chunk(2)
 
-    def _lean_head_weight(self, batch: PreferenceBatch | None = None) -> Tensor | None:
+    def row_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, average: bool) -> Tensor:
+        """Log-probs (R,) of the labelled tokens of each of R rows (input_ids, attention_mask, labels (R, T)) under
+        the current model: packed (padding_free), or from the final hidden states (lean), or from full logits."""
+        head = self._lean_head_weight(input_ids, attention_mask, labels)
+        if self.hparams.padding_free:
+            packed = pack_rows(input_ids, attention_mask, labels, ignore_index=IGNORE_INDEX)
+            chunk = self.hparams.logits_chunk_size
+            return packed_sequence_logps(self.policy, packed, head_weight=head, average=average, chunk_size=chunk,
+                                         ignore_index=IGNORE_INDEX)  # fmt: skip
+        if head is None:
+            logits = self(input_ids, attention_mask)  # (R, T, V)
+            return sequence_logps(logits[:, :-1], labels[:, 1:], average=average, ignore_index=IGNORE_INDEX)
+        hidden = self.hidden_states(input_ids, attention_mask)  # (R, T, H)
+        return sequence_logps_from_hidden(
+            hidden[:, :-1], head, labels[:, 1:], average=average, ignore_index=IGNORE_INDEX,
+            chunk_size=self.hparams.logits_chunk_size,
+        )  # fmt: skip
+
+    def _lean_head_weight(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                          labels: Tensor | None = None) -> Tensor | None:  # fmt: skip
         """The LM head's weight (V, H) when the lean path applies: on, an architecture known to have a plain head,
-        and (checked once, on the first `batch`) the same log-probs as the full-logits path; see alignment.heads."""
+        and (checked once, on the first rows given) the same log-probs as the full-logits path; see alignment.heads."""
         if not self.hparams.lean_logps or self._lean_refused:
             return None
         model = self.policy.get_base_model()
         weight, why_not = plain_head_weight(model)
-        if weight is not None and batch is not None and not self._lean_checked:
+        if weight is not None and input_ids is not None and not self._lean_checked:
             self._lean_checked = True
-            labels = batch.labels[:, 1:]
-            why_not = lean_disagreement(model, weight, batch.input_ids, batch.attention_mask, labels,
+            why_not = lean_disagreement(model, weight, input_ids, attention_mask, labels[:, 1:],
                                         ignore_index=IGNORE_INDEX) or ""  # fmt: skip
             weight = None if why_not else weight
         if weight is None:
@@ -297,7 +295,8 @@ class PreferenceModule(L.LightningModule):
             self.log(name, value, logger=False, on_step=True, on_epoch=False)
         # short names: the progress bar truncates long ones
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        self.log("acc", metrics["train/rewards/accuracies"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        accuracy = metrics[f"train/{self.progress_metric}"]
+        self.log("acc", accuracy, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_metrics.empty:
@@ -308,7 +307,7 @@ class PreferenceModule(L.LightningModule):
             return
         # already synced by torchmetrics; sync_dist averages identical values, and keeps Lightning from warning
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
-        accuracy = metrics["val/rewards/accuracies"]
+        accuracy = metrics[f"val/{self.progress_metric}"]
         self.log("val_acc", accuracy, prog_bar=True, logger=False, on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_callbacks(self) -> list[L.Callback]:

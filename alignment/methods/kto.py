@@ -1,0 +1,126 @@
+"""KTO: alignment from answers labelled desirable or undesirable, no pairs needed; the reference's log-probs come
+from DPO's cache."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from alignment.data import IGNORE_INDEX, UnpairedBatch
+from alignment.losses_kto import kto_kl_estimate, kto_loss, weights_advice
+from alignment.methods.base import PreferenceModule, Split, _check
+from alignment.methods.dpo import DPO
+
+log = logging.getLogger(__name__)
+
+
+class KTO(PreferenceModule):
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) against a frozen reference: the base with adapters off.
+
+    Rows are `{prompt, completion, label}` (label true: desirable), or preference pairs, each unpaired into a
+    desirable (chosen) and an undesirable (rejected) example. Each example also carries another example's
+    completion to its prompt: the mismatched pairs of a batch estimate the KL reference point z_0, averaged over
+    processes, clamped at 0 and detached, as in TRL's KTOTrainer. The reference log-probs of the completions and of
+    the mismatched pairs come from the reference cache, computed once as DPO's are.
+
+    Logged under TRL's KTO names: `kl` (z_0), `rewards/chosen` and `logps/chosen` (beta * (policy - reference), and
+    the policy's log-prob, summed over tokens, of the desirable examples), the same `/rejected` for the undesirable
+    ones, `rewards/margins` (mean desirable minus mean undesirable reward, over batches holding both); and, not
+    TRL's, `rewards/accuracies`: the share of examples strictly on their label's side of the reference point
+    (log-ratio above z_0 for desirable examples, below it for undesirable ones: the loss below half its weight; 0
+    at step 0, where every log-ratio is 0).
+
+    Args:
+        desirable_weight, undesirable_weight: lambda_D and lambda_U, the losses' weights; with unequal counts,
+            lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] is recommended (the log says so when they are outside).
+        reference_cache, reference_cache_dir: as DPO's.
+    """
+
+    data_kind = "unpaired"
+    metric_names = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                    "logps/chosen", "logps/rejected"]  # fmt: skip
+
+    def __init__(
+        self,
+        *args,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        reference_cache: bool = True,
+        reference_cache_dir: str | None = None,
+        **kwargs,
+    ):
+        _check(desirable_weight > 0, f"--model.desirable_weight must be > 0, got {desirable_weight}")
+        _check(undesirable_weight > 0, f"--model.undesirable_weight must be > 0, got {undesirable_weight}")
+        super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records these too
+        self._reference: dict[str, Tensor] = {}  # split -> (N, 4): completion and KL completion logps, token counts
+        self._reference_key: str | None = None
+        self._rows_added: dict[str, list[Tensor]] = {}
+
+    # the reference cache is DPO's, its two answers a completion and the mismatched KL completion
+    reference_logps = DPO.reference_logps
+    _compute_rows = DPO._compute_rows
+    on_fit_end = DPO.on_fit_end
+    _save_rows_added = DPO._save_rows_added
+    _reference_identity = DPO._reference_identity
+
+    def compute_loss(self, batch: UnpairedBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
+        hp, size = self.hparams, len(batch.index)
+        ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+        policy_logps = self.row_logps(ids[:size], mask[:size], labels[:size], average=False)  # (B,) sums
+        with torch.no_grad():  # the KL term is detached: no backward through the mismatched pairs
+            policy_kl_logps = self.row_logps(ids[size:], mask[size:], labels[size:], average=False)
+        reference_logps, reference_kl_logps = self.reference_logps(batch, average=False, split=split)
+        kl = kto_kl_estimate(policy_kl_logps, reference_kl_logps)
+        if self._trainer is not None and self.trainer.world_size > 1:  # one z_0 for the global batch, as TRL's
+            kl = self.trainer.strategy.reduce(kl, reduce_op="mean")
+        losses, rewards, z_0 = kto_loss(
+            policy_logps, reference_logps, batch.desirable, kl, beta=hp.beta,
+            desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight,
+        )  # fmt: skip
+        return losses.mean(), kto_metrics(losses, rewards, policy_logps, batch.desirable, z_0, hp.beta)
+
+    def on_fit_start(self) -> None:
+        DPO.on_fit_start(self)
+        datamodule = self.trainer.datamodule
+        train = getattr(datamodule, "train_set", None)
+        if self.trainer.is_global_zero and train is not None:
+            desirable = sum(example.desirable for example in train.pairs)
+            hp = self.hparams
+            advice = weights_advice(desirable, len(train) - desirable, hp.desirable_weight, hp.undesirable_weight)
+            if advice:
+                log.warning(advice)
+
+    @torch.no_grad()
+    def _reference_pass(self, pairs: list, collate) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Reference log-probs (summed) of each example's completion and KL completion, and their token counts."""
+        batch = UnpairedBatch(*(t.to(self.device) for t in collate(pairs)))
+        was_training = self.policy.training
+        self.policy.eval()  # no dropout either way; eval skips the checkpointing wrappers
+        try:
+            with self.trainer.precision_plugin.forward_context(), self.policy.disable_adapter():
+                completion, kl_completion = self.sequence_logps(batch, average=False)
+        finally:
+            self.policy.train(was_training)
+        completion_tokens, kl_tokens = (batch.labels != IGNORE_INDEX).sum(-1).chunk(2)
+        return completion, kl_completion, completion_tokens, kl_tokens
+
+
+def kto_metrics(
+    losses: Tensor, rewards: Tensor, policy_logps: Tensor, desirable: Tensor, z_0: Tensor, beta: float
+) -> dict[str, Tensor]:
+    """The logged values: per example, over the examples of one label, or one per batch (kl, margins)."""
+    chosen, rejected = rewards[desirable], rewards[~desirable]
+    both = len(chosen) > 0 and len(rejected) > 0
+    margins = (chosen.mean() - rejected.mean()).reshape(1) if both else rewards.new_zeros(0)
+    return {
+        "loss": losses.detach(),
+        "kl": z_0.reshape(1),
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": margins,
+        "rewards/accuracies": torch.where(desirable, rewards > beta * z_0, rewards < beta * z_0).float(),
+        "logps/chosen": policy_logps.detach()[desirable],
+        "logps/rejected": policy_logps.detach()[~desirable],
+    }
