@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class KTO(PreferenceModule):
-    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) against a frozen reference: the base with adapters off.
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) against a frozen reference: the base with adapters
+    off, or the adapter training started from (`--model.adapter`), frozen.
 
     Rows are `{prompt, completion, label}` (label true: desirable), or preference pairs, each unpaired into a
     desirable (chosen) and an undesirable (rejected) example. Each example also carries another example's
@@ -39,6 +40,7 @@ class KTO(PreferenceModule):
     """
 
     data_kind = "unpaired"
+    has_reference = True
     metric_names = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "logps/chosen", "logps/rejected"]  # fmt: skip
 
@@ -73,7 +75,7 @@ class KTO(PreferenceModule):
             policy_kl_logps = self.row_logps(ids[size:], mask[size:], labels[size:], average=False)
         reference_logps, reference_kl_logps = self.reference_logps(batch, average=False, split=split)
         kl = kto_kl_estimate(policy_kl_logps, reference_kl_logps)
-        if self._trainer is not None and self.trainer.world_size > 1:  # one z_0 for the global batch, as TRL's
+        if self.attached and self.trainer.world_size > 1:  # one z_0 for the global batch, as TRL's
             kl = self.trainer.strategy.reduce(kl, reduce_op="mean")
         losses, rewards, z_0 = kto_loss(
             policy_logps, reference_logps, batch.desirable, kl, beta=hp.beta,
@@ -96,13 +98,8 @@ class KTO(PreferenceModule):
     def _reference_pass(self, pairs: list, collate) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Reference log-probs (summed) of each example's completion and KL completion, and their token counts."""
         batch = UnpairedBatch(*(t.to(self.device) for t in collate(pairs)))
-        was_training = self.policy.training
-        self.policy.eval()  # no dropout either way; eval skips the checkpointing wrappers
-        try:
-            with self.trainer.precision_plugin.forward_context(), self.policy.disable_adapter():
-                completion, kl_completion = self.sequence_logps(batch, average=False)
-        finally:
-            self.policy.train(was_training)
+        with self.trainer.precision_plugin.forward_context(), self.reference_model():  # eval: no dropout
+            completion, kl_completion = self.sequence_logps(batch, average=False)
         completion_tokens, kl_tokens = (batch.labels != IGNORE_INDEX).sum(-1).chunk(2)
         return completion, kl_completion, completion_tokens, kl_tokens
 
