@@ -311,3 +311,29 @@ def test_cli_fit_logs_the_kto_metrics(tmp_path):
                  "logps/chosen", "logps/rejected"):  # fmt: skip
         assert any(row[f"train/{name}"] for row in rows) and any(row[f"val/{name}"] for row in rows), name
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_kto_from_an_adapter_starts_with_every_reward_and_the_kl_estimate_zero(pairs, tmp_path):
+    """The reference is the starting adapter, frozen: at step 0 every log-ratio is 0, so every reward, the KL
+    estimate and the accuracy are 0 and each loss is its weight times 1 - sigmoid(0) = 0.5."""
+    from alignment.methods.orpo import ORPO
+    from tests.test_start_adapter import fit
+
+    trained = tmp_path / "trained"
+    fit(ORPO, pairs, trained, max_steps=4, lora_r=4, lora_alpha=8)  # far from the bare base
+    data = kto_data(pairs, batch_size=4)
+    batch = data.collate(data.train_set.pairs[:4])
+    module = KTO(base="tiny", adapter=str(trained / "adapter"), reference_cache=False)
+    module.configure_model()
+    module.eval()
+    with torch.no_grad():
+        loss, metrics = module.compute_loss(batch, "validation")
+        size = len(batch.index)
+        rows = batch.input_ids[:size], batch.attention_mask[:size], batch.labels[:size]
+        policy = module.row_logps(*rows, average=False)
+        with module.policy.disable_adapter():  # the trap: the bare base as reference
+            bare = module.row_logps(*rows, average=False)
+    assert loss.item() == pytest.approx(0.5, abs=1e-6)
+    for name in ("rewards/chosen", "rewards/rejected", "kl"):
+        assert torch.all(metrics[name] == 0), name
+    assert torch.all((policy - bare).abs() > 1e-3)  # the bare base would see the adapter's gains as rewards
