@@ -34,9 +34,11 @@ class KTO(PreferenceModule):
     at step 0, where every log-ratio is 0).
 
     Args:
-        desirable_weight, undesirable_weight: lambda_D and lambda_U, the losses' weights; with unequal counts,
-            lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] is recommended (the log says so when they are outside).
-        reference_cache, reference_cache_dir: as DPO's.
+        desirable_weight: lambda_D, the weight of the desirable examples' losses; with unequal counts,
+            lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] is recommended (the log says so when outside).
+        undesirable_weight: lambda_U, the weight of the undesirable examples' losses.
+        reference_cache: compute the reference log-probs once before training and keep them on disk, as DPO's.
+        reference_cache_dir: where the cache lives, as DPO's.
     """
 
     data_kind = "unpaired"
