@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 DEMO_PAIRS = Path(__file__).parent / "assets" / "demo_pairs.jsonl"
 IGNORE_INDEX = -100
 DataKind = Literal["pairs", "sequences", "unpaired"]  # DPO/ORPO, SFT, KTO
+Split = Literal["train", "validation"]
 
 
 class TokenizedPair(NamedTuple):
@@ -474,13 +475,26 @@ class PreferenceDataModule(L.LightningDataModule):
             dataset, collate_fn=self.collate, num_workers=self.hparams.num_workers, generator=generator, **kwargs
         )
 
-    def train_dataloader(self) -> StatefulDataLoader:
-        # sharded here, across the trainer's processes: under DDP the Trainer needs use_distributed_sampler=False
-        # (Lightning refuses to inject its sampler into this batch sampler and says so; the CLI checks it first)
+    # ---- what a method reads of the data (the reference pass, the schedule's length) ------------------------------
+
+    def items(self, split: Split) -> list | None:
+        """The tokenized items of `split` (pairs, or single answers: what `kind` says), in dataset order; None when
+        there is no such split (no validation set)."""
+        dataset = self.train_set if split == "train" else self.val_set
+        return None if dataset is None else dataset.pairs
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Items per validation batch, and per batch of a reference pass."""
+        return self.hparams.eval_batch_size or self.hparams.batch_size
+
+    def train_batch_sampler(self) -> PairBatchSampler:
+        """The batches of training items this process reads, epoch by epoch (`set_epoch`): the order the training
+        loader follows, sharded across the trainer's processes."""
         trainer, world, rank = self.trainer, 1, 0
         if trainer is not None:
             world, rank = trainer.world_size, trainer.global_rank
-        sampler = PairBatchSampler(
+        return PairBatchSampler(
             [pair_length(p) for p in self.train_set],
             self.hparams.batch_size,
             num_replicas=world,
@@ -489,7 +503,11 @@ class PreferenceDataModule(L.LightningDataModule):
             group_by_length=self.hparams.group_by_length,
             seed=self.hparams.seed,
         )
-        return self._loader(self.train_set, batch_sampler=sampler)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        # sharded here, across the trainer's processes: under DDP the Trainer needs use_distributed_sampler=False
+        # (Lightning refuses to inject its sampler into this batch sampler and says so; the CLI checks it first)
+        return self._loader(self.train_set, batch_sampler=self.train_batch_sampler())
 
     def val_dataloader(self) -> StatefulDataLoader | list:
         if self.val_set is None:

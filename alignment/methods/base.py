@@ -15,7 +15,7 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import get_scheduler
 
-from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
+from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule, Split
 from alignment.errors import ConfigError
 from alignment.heads import lean_disagreement, plain_head_weight
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
@@ -25,7 +25,6 @@ from alignment.packing import pack_rows, packed_sequence_logps
 from alignment.resume import ExactResume
 from alignment.tiny import TINY
 
-Split = Literal["train", "validation"]
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # transformers' names
@@ -263,9 +262,9 @@ class PreferenceModule(L.LightningModule):
         the loader's saved position is then never loaded: a resumed run would start its epoch over.
         """
         trainer, datamodule = self.trainer, self.trainer.datamodule
-        if not isinstance(datamodule, PreferenceDataModule) or datamodule.train_set is None:
+        if not isinstance(datamodule, PreferenceDataModule) or datamodule.items("train") is None:
             return max(1, int(trainer.estimated_stepping_batches))
-        batches, limit = len(datamodule.train_dataloader()), trainer.limit_train_batches
+        batches, limit = len(datamodule.train_batch_sampler()), trainer.limit_train_batches
         batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
         total = math.inf
         if trainer.max_epochs not in (None, -1):

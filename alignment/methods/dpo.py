@@ -102,8 +102,8 @@ class DPO(PreferenceModule):
 
     def _compute_rows(self, split: Split, positions: Tensor) -> None:
         datamodule = self.trainer.datamodule
-        dataset = datamodule.train_set if split == "train" else datamodule.val_set
-        values = self._reference_pass([dataset.pairs[i] for i in positions.tolist()], collate=datamodule.collate)
+        items = datamodule.items(split)
+        values = self._reference_pass([items[i] for i in positions.tolist()], collate=datamodule.collate)
         self._reference[split][positions] = torch.stack([t.float().cpu() for t in values], dim=1)
         self._rows_added.setdefault(split, []).append(positions)
 
@@ -157,10 +157,8 @@ class DPO(PreferenceModule):
         if not isinstance(datamodule, PreferenceDataModule):
             log.warning("reference cache off: it needs a PreferenceDataModule; the reference runs in every step")
             return
-        splits = {"train": datamodule.train_set.pairs}
-        if datamodule.val_set is not None:
-            splits["validation"] = datamodule.val_set.pairs
-        train = train_pairs_read(self.trainer, datamodule.train_dataloader().batch_sampler)
+        splits = {split: items for split in ("train", "validation") if (items := datamodule.items(split)) is not None}
+        train = train_pairs_read(self.trainer, datamodule.train_batch_sampler())
         # a short run: the pairs its steps read; validation rows as validation reads them (it may never run)
         needed = {"train": train, "validation": None if train is None else []}
         try:
@@ -171,7 +169,7 @@ class DPO(PreferenceModule):
                 identity=self._reference_identity(),
                 digests={split: datamodule.digest(split) for split in splits},
                 cache_dir=self.hparams.reference_cache_dir,
-                batch_size=datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size,
+                batch_size=datamodule.eval_batch_size,
                 needed=needed,
             )
         except ReferencePassStopped as stop:

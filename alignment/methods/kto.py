@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import Tensor
 
-from alignment.data import IGNORE_INDEX, UnpairedBatch
+from alignment.data import IGNORE_INDEX, PreferenceDataModule, UnpairedBatch
 from alignment.losses_kto import kto_kl_estimate, kto_loss, weights_advice
 from alignment.methods.base import PreferenceModule, Split, _check
 from alignment.methods.dpo import DPO
@@ -88,9 +88,9 @@ class KTO(PreferenceModule):
     def on_fit_start(self) -> None:
         DPO.on_fit_start(self)
         datamodule = self.trainer.datamodule
-        train = getattr(datamodule, "train_set", None)
+        train = datamodule.items("train") if isinstance(datamodule, PreferenceDataModule) else None
         if self.trainer.is_global_zero and train is not None:
-            desirable = sum(example.desirable for example in train.pairs)
+            desirable = sum(example.desirable for example in train)
             hp = self.hparams
             advice = weights_advice(desirable, len(train) - desirable, hp.desirable_weight, hp.undesirable_weight)
             if advice:
