@@ -112,8 +112,10 @@ def throughput(args: argparse.Namespace, flags: list[str]) -> dict:
         for system in systems if round_ % 2 == 0 else systems[::-1]:
             result = run(system, args, flags)
             results[system].append(result)
-            print(f"round {round_} {system}: {result['tokens_per_s']:,.0f} tokens/s, {result['step_s']:.4f} s/step, "
-                  f"memory {memory_of(result):.3f} GiB", flush=True)  # fmt: skip
+            reference = result.get("reference_pairs_per_s")
+            print(f"round {round_} {system}: {result['tokens_per_s']:,.1f} tokens/s, {result['step_s']:.4f} s/step, "
+                  f"memory {memory_of(result):.3f} GiB"
+                  + (f", reference pass {reference:.3f} pairs/s" if reference else ""), flush=True)  # fmt: skip
     summary = {f"{s}_tokens_per_s": statistics.median(r["tokens_per_s"] for r in results[s]) for s in systems}
     if len(systems) == 2:
         pairs = list(zip(results["ours"], results[systems[1]], strict=True))
