@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,7 @@ def run(system: str, args: argparse.Namespace, flags: list[str]) -> dict:
     else:
         command = [args.trl_python, args.trl_script, *flags]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # both systems alike: see bench.py
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = done.stdout.splitlines()
     results = [line[len("RESULT ") :] for line in lines if line.startswith("RESULT ")]
@@ -110,8 +112,10 @@ def throughput(args: argparse.Namespace, flags: list[str]) -> dict:
         for system in systems if round_ % 2 == 0 else systems[::-1]:
             result = run(system, args, flags)
             results[system].append(result)
-            print(f"round {round_} {system}: {result['tokens_per_s']:,.0f} tokens/s, {result['step_s']:.4f} s/step, "
-                  f"memory {memory_of(result):.3f} GiB", flush=True)  # fmt: skip
+            reference = result.get("reference_pairs_per_s")
+            print(f"round {round_} {system}: {result['tokens_per_s']:,.1f} tokens/s, {result['step_s']:.4f} s/step, "
+                  f"memory {memory_of(result):.3f} GiB"
+                  + (f", reference pass {reference:.3f} pairs/s" if reference else ""), flush=True)  # fmt: skip
     summary = {f"{s}_tokens_per_s": statistics.median(r["tokens_per_s"] for r in results[s]) for s in systems}
     if len(systems) == 2:
         pairs = list(zip(results["ours"], results[systems[1]], strict=True))
@@ -132,6 +136,19 @@ def throughput(args: argparse.Namespace, flags: list[str]) -> dict:
     return summary
 
 
+def machine() -> str:
+    """The CPU model and its count of logical cores (and the GPU, when there is one)."""
+    model = "unknown CPU"
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]  # fmt: skip
+        model = names[0] if names else model
+    described = f"{model}, {os.cpu_count()} cores"
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+                         ) if shutil.which("nvidia-smi") else None  # fmt: skip
+    return described + (f", {gpu.stdout.strip()}" if gpu and gpu.returncode == 0 and gpu.stdout.strip() else "")
+
+
 def table(args: argparse.Namespace) -> dict:
     """Every workload of WORKLOADS, `args.rounds` alternated rounds each; one markdown table of the medians."""
     rows, summaries = [], {}
@@ -147,8 +164,10 @@ def table(args: argparse.Namespace) -> dict:
             rows.append(f"| {name}: the reference pass, pairs/s | | | {s['reference_ratio']:.2f} "
                         f"({s['reference_ratio_min']:.2f}, {s['reference_ratio_max']:.2f}) | |")
     args.ours = own_flags
-    print(f"\n{args.rounds} alternated rounds, median (min, max) of ours / TRL; OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
+    threads = {name: os.environ.get(name, default) for name, default in
+               (("OMP_NUM_THREADS", "unset"), ("OMP_WAIT_POLICY", "PASSIVE"))}  # fmt: skip
+    print(f"\n{args.rounds} alternated rounds, median (min, max) of ours / TRL; {machine()}, "
+          + ", ".join(f"{k}={v}" for k, v in threads.items()) + "\n")
     print("| workload | ours tokens/s | TRL tokens/s | tokens/s ours / TRL | peak memory ours / TRL |")
     print("| --- | --- | --- | --- | --- |")
     print("\n".join(rows))

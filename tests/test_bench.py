@@ -21,6 +21,7 @@ def test_bench_prints_a_result_with_throughput_memory_and_flops():
     result = json.loads(lines[0][len("RESULT ") :])
     assert result["system"] == "ours" and result["algo"] == "dpo" and result["seq"] == 24
     assert result["timed_steps"] == 2
+    assert result["tokens_per_s"] * result["step_s"] == pytest.approx(2 * 2 * 24)  # bs x (chosen + rejected) x 24
     assert result["tokens_per_s"] > 0 and result["step_s"] > 0 and result["peak_rss_gib"] > 0
     assert result["peak_mem_gib"] is None and result["mfu"] is None  # a CPU, and no --peak-flops
     # tiny: 2 layers x (q 64x64 + k, v 64x32 + o 64x64 + 3 MLP 64x128) + head 1024x64 = 139,264 matmul weights;
@@ -66,3 +67,15 @@ def test_pairs_and_token_count_equal_the_reference_scripts(vary):
     assert ours == theirs.to_list()
     assert bench.mean_pair_tokens(ours) == anchor.mean_pair_tokens(theirs)
     assert bench.SIZES["smollm2"] == anchor.SIZES["smollm2"]
+
+
+def test_varied_padding_free_run_counts_the_real_tokens_of_its_pairs():
+    command = [sys.executable, str(BENCH), "--algo", "orpo", "--size", "tiny", "--steps", "2", "--warm", "1",
+               "--bs", "2", "--prompt-len", "8", "--completion-len", "16", "--vary", "--padding-free"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["vary"] is True and result["padding_free"] is True
+    rows = bench.make_pairs(2 * (2 + 2), 1024, 8, 16, vary=True)  # the rows the run trained on
+    assert bench.mean_pair_tokens(rows) < 2 * (8 + 16)  # varied: fewer than the fixed lengths give
+    assert result["tokens_per_s"] * result["step_s"] == pytest.approx(2 * bench.mean_pair_tokens(rows))
