@@ -147,7 +147,7 @@ class AlignmentCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def _run_loggers(self, root: Path, subcommand_config) -> list:
-        loggers = [RunCSVLogger(save_dir=root, name="", version="", keep_until_step=self._resumed_from)]
+        loggers = [RunCSVLogger(root, keep_until_step=self._resumed_from)]
         if subcommand_config.get("wandb"):
             from lightning.pytorch.loggers import WandbLogger
 
