@@ -52,7 +52,10 @@ class RunCheckpoint(ModelCheckpoint):
         self._save_failed = False
 
     # ---- saving -------------------------------------------------------------------------------------------------
+    # ModelCheckpoint has no public hook around its own write of a checkpoint (the adapter is committed right after
+    # last.ckpt), nor a public way to save last.ckpt now: these three use its private members, as pinned in pyproject.
 
+    # private API, checked on lightning 2.6: every checkpoint ModelCheckpoint writes goes through here
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         last = Path(filepath).name == f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         staged, writing = None, filepath
@@ -61,20 +64,30 @@ class RunCheckpoint(ModelCheckpoint):
                 writing = self.adapter_dir
                 staged = stage_adapter(trainer.lightning_module, self.adapter_dir)
                 writing = filepath
-            super()._save_checkpoint(trainer, filepath)
+            super()._save_checkpoint(trainer, filepath)  # private API, checked on lightning 2.6: see above
             if staged is not None:
                 writing = self.adapter_dir
                 commit_adapter(staged, self.adapter_dir)
                 staged = None
         except OSError as err:
             self._save_failed = True
-            raise write_error(err, writing, self._last_global_step_saved) from err
+            raise write_error(err, writing, self.saved_step) from err
         except BaseException:
             self._save_failed = True
             raise
         finally:
             if staged is not None:
                 discard_adapter(staged)
+
+    @property
+    def saved_step(self) -> int:
+        """The global step of the last checkpoint written (0 before any)."""
+        return self._last_global_step_saved  # private API, checked on lightning 2.6: no public counterpart
+
+    def save_last_now(self, trainer: L.Trainer) -> None:
+        """last.ckpt (and the adapter) at the current step, through ModelCheckpoint's own path (its state follows)."""
+        # private API, checked on lightning 2.6: what ModelCheckpoint itself calls to save last.ckpt
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self._schedule_steps is not None:
@@ -127,8 +140,8 @@ class RunCheckpoint(ModelCheckpoint):
         # a signal may reach one process only (kill PID): any process asking stops them all at the same step
         if not trainer.strategy.reduce_boolean_decision(self.stop_signal is not None, all=False):
             return
-        if trainer.global_step != self._last_global_step_saved:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if trainer.global_step != self.saved_step:
+            self.save_last_now(trainer)
         trainer.should_stop = True
         trainer.limit_val_batches = 0  # Lightning validates before honouring should_stop: a stop is prompt
         if trainer.is_global_zero:
@@ -140,8 +153,8 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
         super().on_train_end(trainer, pl_module)
-        if self.save_last and self.dirpath and trainer.global_step != self._last_global_step_saved:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.save_last and self.dirpath and trainer.global_step != self.saved_step:
+            self.save_last_now(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """A second Ctrl-C, or a crash between two saves: keep what was learnt in last.ckpt and the adapter. Nothing
@@ -153,5 +166,5 @@ class RunCheckpoint(ModelCheckpoint):
             return
         if isinstance(exception, (RunDirError, RunFinished)):
             return
-        if self.save_last and self.dirpath and trainer.global_step not in (0, self._last_global_step_saved):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.save_last and self.dirpath and trainer.global_step not in (0, self.saved_step):
+            self.save_last_now(trainer)

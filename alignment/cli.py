@@ -75,15 +75,15 @@ class AlignmentCLI(LightningCLI):
         parser.link_arguments("model.init_args.base", "data.tokenizer")
         parser.link_arguments("model.init_args.revision", "data.revision")
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyperparameters of a checkpoint file here: a damaged one is named, not a traceback
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # next, LightningCLI reads the hyperparameters of a checkpoint file: a damaged one is named, not a traceback
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is not None and ckpt_path not in CKPT_KEYWORDS:
             if not Path(ckpt_path).is_file():
                 raise RunDirError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
             checkpoint_step(ckpt_path)
-        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -117,15 +117,18 @@ class AlignmentCLI(LightningCLI):
             )
         log.info("run directory: %s", self.trainer.default_root_dir)
 
-    def _instantiate_trainer(self, config: dict, callbacks: list):
-        root = Path(config["default_root_dir"])
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
         subcommand_config = self.config[self.subcommand] if self.subcommand else self.config
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
+        root = Path(config.default_root_dir)
         fitting = self.subcommand == "fit"
         if config.get("logger") in (None, True):
             # validate, test and predict print their results and leave the run directory alone
-            config["logger"] = self._run_loggers(root, subcommand_config) if fitting else False
+            kwargs["logger"] = self._run_loggers(root, subcommand_config) if fitting else False
         if not fitting:
-            return super()._instantiate_trainer(config, callbacks)
+            return super().instantiate_trainer(**kwargs)
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         if subcommand_config.get("wandb"):
             callbacks.append(SampleGenerations())  # a table of answers to fixed validation prompts
         # save_top_k=1: Lightning only refreshes last.ckpt when it saves a regular checkpoint too; checkpoints
@@ -140,18 +143,19 @@ class AlignmentCLI(LightningCLI):
                 enable_version_counter=False,  # a rerun replaces last.ckpt instead of adding last-v1.ckpt
             )
         )
+        kwargs["callbacks"] = callbacks
         plugins = config.get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super()._instantiate_trainer(config, callbacks)
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     def _run_loggers(self, root: Path, subcommand_config) -> list:
-        loggers = [RunCSVLogger(save_dir=root, name="", version="", keep_until_step=self._resumed_from)]
+        loggers = [RunCSVLogger(root, keep_until_step=self._resumed_from)]
         if subcommand_config.get("wandb"):
             from lightning.pytorch.loggers import WandbLogger
 
-            resolved = yaml.safe_load(self._parser(self.subcommand).dump(subcommand_config, skip_none=False))
+            resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))[self.subcommand]
             loggers.append(
                 WandbLogger(project=subcommand_config.wandb_project, name=root.name, save_dir=root, config=resolved)
             )

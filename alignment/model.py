@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
@@ -77,9 +79,11 @@ def load_base(
     return model
 
 
-# Not a documented bitsandbytes setting: an instance attribute set in `Linear4bit.__init__` and read in its
-# forward (checked on bitsandbytes 0.47-0.50). Assigning a renamed attribute would not fail, so it is looked up first.
+# Not a documented bitsandbytes setting: an instance attribute set in `Linear4bit.__init__` and read in its forward,
+# there from bitsandbytes 0.49 (with the packed CPU kernel it switches off; checked on 0.49 and 0.50, absent in 0.47
+# and 0.48). Assigning a renamed attribute would not fail, so it is looked up first.
 CPU_PACKING_FLAG = "support_avx512bf16_for_cpu"
+CPU_PACKING_SINCE = "0.49"
 
 
 def _keep_cpu_4bit_differentiable(model: PreTrainedModel) -> None:
@@ -88,25 +92,26 @@ def _keep_cpu_4bit_differentiable(model: PreTrainedModel) -> None:
     On CPUs with AVX512-BF16, the first eval-mode forward without gradients (a validation pass) converts
     the weights in place to a packed layout, and from then on every forward, training included, uses a
     kernel with no autograd support: gradients to the LoRA layers below would be silently wrong.
-    Raises RuntimeError when this bitsandbytes has no such switch (renamed or removed): never a silent no-op.
+    Raises RuntimeError when a bitsandbytes that has that kernel has no such switch: never a silent no-op.
     """
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
         return
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            if not hasattr(module, CPU_PACKING_FLAG):
-                raise RuntimeError(
-                    f"bitsandbytes {_version('bitsandbytes')}: Linear4bit has no {CPU_PACKING_FLAG!r}, which keeps "
-                    "4-bit CPU gradients correct; use bitsandbytes 0.47-0.50 or update alignment/model.py"
-                )
-            setattr(module, CPU_PACKING_FLAG, False)
+    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    if layers and not all(hasattr(layer, CPU_PACKING_FLAG) for layer in layers):
+        installed = _version("bitsandbytes")
+        if Version(installed) < Version(CPU_PACKING_SINCE):
+            return  # no packed CPU kernel yet: nothing to switch off
+        raise RuntimeError(
+            f"bitsandbytes {installed}: Linear4bit has no {CPU_PACKING_FLAG!r}, which keeps 4-bit CPU gradients "
+            "correct; use bitsandbytes 0.49-0.50 or update alignment/model.py"
+        )
+    for layer in layers:
+        setattr(layer, CPU_PACKING_FLAG, False)
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import version
-
     return version(package)
 
 

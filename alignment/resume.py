@@ -14,9 +14,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from alignment.errors import ConfigError, RunDirError
@@ -32,48 +30,52 @@ log = logging.getLogger(__name__)
 MAY_CHANGE = {"gradient_checkpointing", "reference_cache", "reference_cache_dir", "lean_logps", "logits_chunk_size"}
 
 
-class _RunWriter(ExperimentWriter):
-    """Lightning's CSV writer without its clean-up: it deletes metrics.csv (and warns so) as soon as it is created,
-    before anything is known about the run; RunCSVLogger.start decides instead."""
+class RunCSVLogger(Logger):
+    """metrics.csv in the run directory, one row per logged step (columns: every metric name, sorted, and `step`).
 
-    def _check_log_dir_exists(self) -> None:
-        pass
+    Writes nothing until training really starts (`start()`, called by the run at train start), so a run that fails
+    or is refused before that leaves an earlier run's metrics.csv as it was. Resuming, it keeps the rows logged up
+    to the checkpoint's step and drops later ones (the resumed run logs those steps again); starting afresh, it
+    replaces the file. Each save rewrites the file atomically. No hparams.yaml: the run's config.yaml holds them.
+    """
 
+    METRICS_FILE = "metrics.csv"
 
-class RunCSVLogger(CSVLogger):
-    """CSVLogger that writes nothing until training really starts (`start()`, called by the run at train start), so a
-    run that fails or is refused before that leaves an earlier run's metrics.csv as it was. Resuming, it keeps the
-    rows logged up to the checkpoint's step and drops later ones (the resumed run logs those steps again); starting
-    afresh, it replaces the file. No hparams.yaml: the run's config.yaml holds them."""
-
-    def __init__(self, *args, keep_until_step: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, save_dir: str | Path, *, keep_until_step: int | None = None, flush_logs_every_n_steps: int = 100
+    ):
+        super().__init__()
+        self.run_dir = Path(save_dir)
         self.keep_until_step = keep_until_step
+        self.flush_logs_every_n_steps = flush_logs_every_n_steps
         self.started = False
+        self.rows: list[dict[str, Any]] = []  # what metrics.csv holds
+        self.pending: list[dict[str, Any]] = []  # logged, not yet written
+
+    @property
+    def name(self) -> str:
+        return ""
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.run_dir)
+
+    @property
+    def log_dir(self) -> str:
+        return str(self.run_dir)
 
     @property
     def metrics_file(self) -> Path:
-        return Path(self.log_dir) / _RunWriter.NAME_METRICS_FILE
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> _RunWriter:
-        if self._experiment is None:
-            self._experiment = _RunWriter(log_dir=self.log_dir)
-        return self._experiment
+        return self.run_dir / self.METRICS_FILE
 
     @rank_zero_only
     def start(self) -> None:
-        rows = self._kept_rows()
-        header = sorted(set().union(*rows)) if rows else []
-        try:
-            if rows:
-                atomic_write(self.metrics_file, lambda handle: _write_rows(handle, header, rows))
-            else:
-                self.metrics_file.unlink(missing_ok=True)
-        except OSError as err:
-            raise write_error(err, self.metrics_file) from err
-        self.experiment.metrics_keys = header
+        self.rows = self._kept_rows()
+        self._write()
         self.started = True
 
     def _kept_rows(self) -> list[dict[str, str]]:
@@ -84,15 +86,31 @@ class RunCSVLogger(CSVLogger):
         return [row for row in rows if int(float(row.get("step", "inf"))) <= self.keep_until_step]
 
     @rank_zero_only
-    def log_hyperparams(self, params=None) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        row = {key: value.item() if isinstance(value, torch.Tensor) else value for key, value in metrics.items()}
+        row["step"] = step = len(self.rows) + len(self.pending) if step is None else step
+        self.pending.append(row)
+        if (step + 1) % self.flush_logs_every_n_steps == 0:
+            self.save()
+
+    @rank_zero_only
+    def log_hyperparams(self, params=None, *args, **kwargs) -> None:
         pass
 
     @rank_zero_only
     def save(self) -> None:
-        if not self.started:
+        if not self.started or not self.pending:
             return
+        self.rows, self.pending = self.rows + self.pending, []
+        self._write()
+
+    def _write(self) -> None:
         try:
-            super().save()
+            if self.rows:
+                header = sorted(set().union(*self.rows))
+                atomic_write(self.metrics_file, lambda handle: _write_rows(handle, header, self.rows))
+            else:
+                self.metrics_file.unlink(missing_ok=True)
         except OSError as err:
             raise write_error(err, self.metrics_file) from err
 

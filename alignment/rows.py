@@ -346,6 +346,10 @@ def _offline_unless_reachable() -> Iterator[None]:
     if hub_reachable():
         yield
         return
+    # The documented switch is the HF_HUB_OFFLINE variable, read once at import; these are the public module
+    # constants datasets and huggingface_hub read at call time (datasets 5.2 `load.dataset_module_factory`,
+    # huggingface_hub 2.4 `constants.is_offline_mode`). `DownloadConfig(local_files_only=True)` is no substitute:
+    # datasets 5.2 asks the hub for a dataset's card without it, and waits out the network first.
     with (
         mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True),
         mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True),

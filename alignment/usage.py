@@ -23,13 +23,16 @@ TRAINING_VERBS = {
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    # Two deprecation notices about other libraries' own calls, on every run, that no user can act on: peft reads
-    # transformers' `is_gradient_checkpointing` (peft 0.21 / transformers 5.23), lightning builds torch's
+    # Deprecation notices about other libraries' calls into each other, on every run, that no user can act on: peft
+    # reads transformers' `is_gradient_checkpointing` (peft 0.21 / transformers 5.23), lightning builds torch's
     # `LeafSpec()` (lightning 2.6 / torch 2.13). Filtered by message AND the module that warns; all else shows.
     warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning,
                             module="transformers.modeling_utils")  # fmt: skip
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
                             module="lightning.pytorch.utilities._pytree")  # fmt: skip
+    # torchdata 0.11's StatefulDataLoader calls torch's deprecated set_vital on every loader
+    warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning,
+                            module="torchdata.stateful_dataloader.stateful_dataloader")  # fmt: skip
     logging.getLogger("alignment").setLevel(logging.INFO)
     if argv is None:  # from the shell: LightningCLI reads sys.argv itself
         sys.argv[1:] = resolve_config_args(sys.argv[1:])

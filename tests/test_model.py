@@ -98,3 +98,6 @@ def test_a_bitsandbytes_without_the_cpu_kernel_switch_fails_loudly(monkeypatch):
     monkeypatch.setattr(Linear4bit, "__init__", init_without_the_switch)
     with pytest.raises(RuntimeError, match=f"Linear4bit has no '{CPU_PACKING_FLAG}'"):
         load_base("tiny", load_in_4bit=True)
+    # before 0.49 there is no packed CPU kernel and no switch: nothing to do, no error
+    monkeypatch.setattr("alignment.model._version", lambda package: "0.48.0")
+    assert load_base("tiny", load_in_4bit=True) is not None
