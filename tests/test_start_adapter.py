@@ -243,9 +243,20 @@ def test_cli_chain_dpo_from_a_runs_adapter(first_run, tmp_path):
     policy = PeftModel.from_pretrained(load_base("tiny"), run / "adapter")
     assert list(policy.peft_config) == ["default"]
 
+    restored = DPO.load_from_checkpoint(run / "checkpoints" / "last.ckpt")  # no trainer: builds the model itself
+    weights = dict(policy.named_parameters())
+    for name, value in lora_weights(restored).items():
+        assert torch.equal(value, weights[name.removeprefix("policy.")]), name
+
     merged = run_cli("merge", str(run), "--out", str(tmp_path / "merged"), "--dtype", "float32")
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert (tmp_path / "merged" / "config.json").is_file()
+    compared = run_cli("compare", "--prompts", str(ROOT / "alignment" / "assets" / "demo_prompts.jsonl"),
+                       "--adapter", f"first={first_run}", "--adapter", f"dpo={run}", "--max-new-tokens", "4",
+                       "--out", str(tmp_path / "compare"))  # fmt: skip
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    answers = [json.loads(line) for line in (tmp_path / "compare" / "compare.jsonl").read_text().splitlines()]
+    assert answers and all(set(row["answers"]) == {"base", "first", "dpo"} for row in answers)
 
 
 def adapter_naming_another_base(first_run: Path, tmp_path: Path) -> Path:
