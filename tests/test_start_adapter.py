@@ -287,3 +287,22 @@ def test_cli_adapter_mistakes_are_one_line(first_run, tmp_path, given, message):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert f"--model.adapter {adapter}" in errors[0] and message in errors[0], errors[0]
+
+
+@pytest.mark.slow
+def test_two_processes_train_from_an_adapter_as_one(first_run, tmp_path):
+    # no cache: the reference adapter is switched in inside every step, between DDP's forward and its backward
+    common = ["--config", "demo_dpo.yaml", "--model.adapter", str(first_run / "adapter"), "--model.lora_dropout", "0",
+              "--model.reference_cache", "false", "--trainer.accelerator", "cpu", "--trainer.max_steps", "3",
+              "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    runs = {"one": ["--data.batch_size", "8"],
+            "two": ["--data.batch_size", "4", "--trainer.devices", "2", "--trainer.strategy", "ddp"]}  # fmt: skip
+    for name, args in runs.items():
+        result = run_cli("fit", *common, *args, "--trainer.default_root_dir", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-3000:]
+    start = load_file(first_run / "adapter" / "adapter_model.safetensors")
+    one, two = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in runs)
+    for name, value in one.items():
+        assert not torch.equal(value, start[name]), name  # every LoRA matrix trained
+        # gradients averaged over 2 processes of 4 equal those of 8 up to float rounding
+        torch.testing.assert_close(two[name], value, rtol=1e-3, atol=1e-5, msg=name)
