@@ -306,3 +306,17 @@ def test_two_processes_train_from_an_adapter_as_one(first_run, tmp_path):
         assert not torch.equal(value, start[name]), name  # every LoRA matrix trained
         # gradients averaged over 2 processes of 4 equal those of 8 up to float rounding
         torch.testing.assert_close(two[name], value, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_cli_refuses_to_start_from_the_adapter_the_run_replaces(first_run, tmp_path):
+    run = tmp_path / "first"
+    shutil.copytree(first_run, run)
+    before = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    result = run_cli("fit", "--config", "demo_dpo.yaml", "--model.adapter", str(run / "adapter"),
+                     "--model.lora_dropout", "0", "--trainer.default_root_dir", str(run),
+                     "--overwrite", "true")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is where this run saves its own adapter" in errors[0], errors
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == before  # still there, as it was
