@@ -51,7 +51,7 @@ def filled(table: Tensor) -> Tensor:
 
 
 def default_cache_dir() -> Path:
-    from alignment.model import cache_dir
+    from alignment.files import cache_dir
 
     return cache_dir() / "reference"
 

@@ -18,20 +18,22 @@ from transformers import get_scheduler
 
 from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
 from alignment.errors import ConfigError
+from alignment.heads import lean_disagreement, plain_head_weight
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.metrics import MeanTracker
 from alignment.model import (
     POLICY_ADAPTER,
     REFERENCE_ADAPTER,
-    TINY,
     adapter_weights,
     add_lora,
     load_base,
     load_lora,
     read_adapter,
 )
+from alignment.packing import pack_rows, packed_sequence_logps
 from alignment.reference import adapter_identity
 from alignment.resume import check_resume, rng_states, run_identity, set_rng_state
+from alignment.tiny import TINY
 
 Split = Literal["train", "validation"]
 log = logging.getLogger(__name__)
@@ -53,19 +55,30 @@ class PreferenceModule(L.LightningModule):
     """Shared by every method: builds the policy (frozen base + LoRA), logs, optimizes, saves adapters only.
 
     Args:
-        base: hub name or local path of the base model; "tiny" is a random 2-layer Llama built offline.
+        base: hub name or local path of the base model, a .gguf file, or "tiny" (a random 2-layer Llama built
+            offline).
+        revision: the hub revision (branch, tag or commit) of `base`; None: the default branch.
         adapter: a PEFT LoRA adapter directory of this base (e.g. an earlier run's adapter/) to start from; its
             LoRA settings replace the lora_* ones, and it is DPO's reference (frozen) instead of the bare base.
         load_in_4bit: quantize the base to nf4 with double quantization (pre-quantized bases stay as they are).
         compute_dtype: dtype of the base's computation; "auto": bfloat16 on CUDA, float32 on CPU.
+        lora_r: rank of the LoRA matrices.
+        lora_alpha: LoRA scaling numerator: the update is (alpha / r) * B @ A.
+        lora_dropout: dropout on the LoRA branch's input during training.
         lora_target_modules: "all-linear" or a list of module names (e.g. [q_proj, v_proj]).
         gradient_checkpointing: recompute activations in backward (less memory, ~1/3 more compute).
+        learning_rate: peak learning rate of the adapters (after warmup).
+        weight_decay: AdamW's decoupled weight decay on the adapters.
         lr_scheduler: cosine or linear decay to 0 (or constant) after `warmup_ratio` / `warmup_steps`.
+        warmup_ratio: share of the run's optimizer steps spent warming up linearly from 0.
+        warmup_steps: warmup in optimizer steps; when > 0 it wins over `warmup_ratio`.
         optimizer: AdamW, or bitsandbytes' 8-bit AdamW (smaller optimizer state).
         beta: DPO's KL weight / ORPO's odds-ratio weight (lambda in the ORPO paper).
         lean_logps: log-probs from the final hidden states, logits only at answer tokens and a chunk at a time
             (never the (2B, T, V) logits); false: full logits, then `sequence_logps` (the plain path).
         logits_chunk_size: answer tokens whose logits exist at once on the lean path; None: about 2**25 logits.
+        padding_free: pack the batch's sequences into one row (positions restarting per sequence, attention kept
+            within each): no compute on padding; the log-probs equal the padded forward's (`alignment.packing`).
     """
 
     metric_names: list[str] = REWARD_METRICS
@@ -92,6 +105,7 @@ class PreferenceModule(L.LightningModule):
         beta: float = 0.1,
         lean_logps: bool = True,
         logits_chunk_size: int | None = None,
+        padding_free: bool = False,
     ):
         super().__init__()
         _check(beta > 0, f"--model.beta must be > 0, got {beta}")
@@ -113,6 +127,8 @@ class PreferenceModule(L.LightningModule):
         self.val_metrics = MeanTracker(self.metric_names)
         self._last_logged_step = -1
         self._rng_to_restore: dict | None = None
+        self._lean_checked = False  # the lean path compared with the plain one on a first batch
+        self._lean_refused = False  # the plain path for the rest of the run
 
     # ---- model -------------------------------------------------------------------------------------------------
 
@@ -120,12 +136,12 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:  # Lightning may call this more than once
             return
         hp = self.hparams
-        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        callbacks = self.trainer.callbacks if self.attached else []
         for replaced in filter(None, (getattr(c, "adapter_dir", None) for c in callbacks)):  # where the run saves one
             _check(hp.adapter is None or not Path(hp.adapter).resolve().is_relative_to(Path(replaced).resolve()),
                    f"--model.adapter {hp.adapter} is where this run saves its own adapter ({replaced}): copy it "
                    "elsewhere, or train in another --trainer.default_root_dir")  # fmt: skip
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = self.trainer.strategy.root_device if self.attached else torch.device("cpu")
         dtype = hp.compute_dtype
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -144,6 +160,14 @@ class PreferenceModule(L.LightningModule):
             target_modules=hp.lora_target_modules,
             gradient_checkpointing=hp.gradient_checkpointing,
         )
+
+    @property
+    def attached(self) -> bool:
+        """Whether a Trainer runs this module (not so under `load_from_checkpoint` alone)."""
+        try:
+            return self.trainer is not None
+        except RuntimeError:  # Lightning: "... is not attached to a `Trainer`."
+            return False
 
     @contextmanager
     def reference_model(self) -> Iterator[None]:
@@ -178,8 +202,12 @@ class PreferenceModule(L.LightningModule):
     def sequence_logps(self, batch: PreferenceBatch, *, average: bool) -> tuple[Tensor, Tensor]:
         """(chosen, rejected) log-probs of the answers under the current model, each (B,)."""
         labels = batch.labels[:, 1:]  # (2B, T-1): position t scores token t+1
-        head = self._lean_head_weight()
-        if head is None:
+        head = self._lean_head_weight(batch)
+        if self.hparams.padding_free:
+            packed = pack_rows(batch.input_ids, batch.attention_mask, batch.labels, ignore_index=IGNORE_INDEX)
+            logps = packed_sequence_logps(self.policy, packed, head_weight=head, average=average,
+                                          chunk_size=self.hparams.logits_chunk_size, ignore_index=IGNORE_INDEX)
+        elif head is None:
             logits = self(batch.input_ids, batch.attention_mask)  # (2B, T, V)
             logps = sequence_logps(logits[:, :-1], labels, average=average, ignore_index=IGNORE_INDEX)
         else:
@@ -190,20 +218,23 @@ class PreferenceModule(L.LightningModule):
             )  # fmt: skip
         return logps.chunk(2)
 
-    def _lean_head_weight(self) -> Tensor | None:
-        """The LM head's weight (V, H) when the lean path applies: on, and a plain frozen projection with no
-        bias, scaling or soft-capping of the logits (anything else takes the full-logits path)."""
-        if not self.hparams.lean_logps:
+    def _lean_head_weight(self, batch: PreferenceBatch | None = None) -> Tensor | None:
+        """The LM head's weight (V, H) when the lean path applies: on, an architecture known to have a plain head,
+        and (checked once, on the first `batch`) the same log-probs as the full-logits path; see alignment.heads."""
+        if not self.hparams.lean_logps or self._lean_refused:
             return None
         model = self.policy.get_base_model()
-        head, config = model.get_output_embeddings(), model.config
-        plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
-        if plain and getattr(config, "final_logit_softcapping", None) is None and not hasattr(config, "logit_scale"):
-            return head.weight
-        if not getattr(self, "_said_not_lean", False):
-            log.warning("lean_logps: %s's LM head is not a plain projection; computing full logits", type(model))
-            self._said_not_lean = True
-        return None
+        weight, why_not = plain_head_weight(model)
+        if weight is not None and batch is not None and not self._lean_checked:
+            self._lean_checked = True
+            labels = batch.labels[:, 1:]
+            why_not = lean_disagreement(model, weight, batch.input_ids, batch.attention_mask, labels,
+                                        ignore_index=IGNORE_INDEX) or ""  # fmt: skip
+            weight = None if why_not else weight
+        if weight is None:
+            log.warning("lean_logps: %s: %s; computing full logits", type(model).__name__, why_not)
+            self._lean_refused = True
+        return weight
 
     def compute_loss(self, batch: PreferenceBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
         """(scalar loss, per-example metrics (B,) keyed by `metric_names`) for a batch of `split`."""
@@ -305,16 +336,16 @@ class PreferenceModule(L.LightningModule):
         keep = self._adapter_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         # LoRA dropout's masks after the resume are those the run would have drawn, in every process
-        checkpoint["rng"] = rng_states(self._trainer)
-        if self._trainer is not None:
+        checkpoint["rng"] = rng_states(self.trainer if self.attached else None)
+        if self.attached:
             checkpoint["run"] = run_identity(self, self.trainer.datamodule, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self._trainer is not None and self.trainer.state.fn == "fit" and "run" in checkpoint:  # a resume
+        if self.attached and self.trainer.state.fn == "fit" and "run" in checkpoint:  # a resume
             identity = run_identity(self, self.trainer.datamodule, self.trainer)
             check_resume(checkpoint["run"], identity, checkpoint=str(self.trainer.ckpt_path or "the checkpoint"))
         states = checkpoint.get("rng") or [None]
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        rank = self.trainer.global_rank if self.attached else 0
         self._rng_to_restore = states[rank] if rank < len(states) else states[0]
         stored = {k for k in checkpoint["state_dict"] if not k.startswith(("train_metrics.", "val_metrics."))}
         expected = self._adapter_keys()
