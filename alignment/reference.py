@@ -84,11 +84,7 @@ def adapter_identity(weights: Path, config: dict) -> dict:
     """What names a starting adapter, DPO's reference then: its weights file's hash, and the settings that scale
     the update it adds (LoRA's alpha / r, or alpha / sqrt(r) with rsLoRA)."""
     scaling = {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora")}
-    return {"weights": file_digest(weights), **scaling}
-
-
-def file_digest(file: Path) -> str:
-    return f"sha256:{_file_hashes([file])[0]}"
+    return {"weights": f"sha256:{_file_hashes([weights])[0]}", **scaling}
 
 
 def _file_hashes(files: list[Path]) -> list[str]:

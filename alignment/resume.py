@@ -19,8 +19,6 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from alignment.errors import ConfigError, RunDirError
 from alignment.files import atomic_write
-from alignment.model import adapter_weights
-from alignment.reference import file_digest
 from alignment.rundir import write_error
 
 log = logging.getLogger(__name__)
@@ -257,9 +255,8 @@ def run_identity(module, datamodule, trainer) -> dict[str, Any]:
     """What a checkpoint records of its run beside the hyper-parameters Lightning saves: the method, the weights of
     the adapter it started from, the training pairs, and the process layout."""
     identity: dict[str, Any] = {"method": type(module).__name__, "model": {}}
-    adapter = module.hparams.get("adapter")
-    if adapter is not None:  # the adapter the run started from may have been trained over since
-        identity["model"]["adapter_weights"] = file_digest(adapter_weights(adapter))
+    if getattr(module, "starting_adapter", None):  # --model.adapter's file may have been trained over since
+        identity["model"]["adapter_weights"] = module.starting_adapter["weights"]
     if datamodule is not None and hasattr(datamodule, "digest"):
         identity["data"] = {"training pairs (content, tokenization, truncation)": datamodule.digest("train")}
     identity["processes"] = {"world_size": trainer.world_size, "accumulate": trainer.accumulate_grad_batches}

@@ -243,9 +243,20 @@ def test_cli_chain_dpo_from_a_runs_adapter(first_run, tmp_path):
     policy = PeftModel.from_pretrained(load_base("tiny"), run / "adapter")
     assert list(policy.peft_config) == ["default"]
 
+    restored = DPO.load_from_checkpoint(run / "checkpoints" / "last.ckpt")  # no trainer: builds the model itself
+    weights = dict(policy.named_parameters())
+    for name, value in lora_weights(restored).items():
+        assert torch.equal(value, weights[name.removeprefix("policy.")]), name
+
     merged = run_cli("merge", str(run), "--out", str(tmp_path / "merged"), "--dtype", "float32")
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert (tmp_path / "merged" / "config.json").is_file()
+    compared = run_cli("compare", "--prompts", str(ROOT / "alignment" / "assets" / "demo_prompts.jsonl"),
+                       "--adapter", f"first={first_run}", "--adapter", f"dpo={run}", "--max-new-tokens", "4",
+                       "--out", str(tmp_path / "compare"))  # fmt: skip
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    answers = [json.loads(line) for line in (tmp_path / "compare" / "compare.jsonl").read_text().splitlines()]
+    assert answers and all(set(row["answers"]) == {"base", "first", "dpo"} for row in answers)
 
 
 def adapter_naming_another_base(first_run: Path, tmp_path: Path) -> Path:
@@ -276,3 +287,36 @@ def test_cli_adapter_mistakes_are_one_line(first_run, tmp_path, given, message):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert f"--model.adapter {adapter}" in errors[0] and message in errors[0], errors[0]
+
+
+@pytest.mark.slow
+def test_two_processes_train_from_an_adapter_as_one(first_run, tmp_path):
+    # no cache: the reference adapter is switched in inside every step, between DDP's forward and its backward
+    common = ["--config", "demo_dpo.yaml", "--model.adapter", str(first_run / "adapter"), "--model.lora_dropout", "0",
+              "--model.reference_cache", "false", "--trainer.accelerator", "cpu", "--trainer.max_steps", "3",
+              "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    runs = {"one": ["--data.batch_size", "8"],
+            "two": ["--data.batch_size", "4", "--trainer.devices", "2", "--trainer.strategy", "ddp"]}  # fmt: skip
+    for name, args in runs.items():
+        result = run_cli("fit", *common, *args, "--trainer.default_root_dir", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-3000:]
+    start = load_file(first_run / "adapter" / "adapter_model.safetensors")
+    one, two = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in runs)
+    for name, value in one.items():
+        assert not torch.equal(value, start[name]), name  # every LoRA matrix trained
+        # gradients averaged over 2 processes of 4 equal those of 8 up to float rounding
+        torch.testing.assert_close(two[name], value, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_cli_refuses_to_start_from_the_adapter_the_run_replaces(first_run, tmp_path):
+    run = tmp_path / "first"
+    shutil.copytree(first_run, run)
+    before = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    result = run_cli("fit", "--config", "demo_dpo.yaml", "--model.adapter", str(run / "adapter"),
+                     "--model.lora_dropout", "0", "--trainer.default_root_dir", str(run),
+                     "--overwrite", "true")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is where this run saves its own adapter" in errors[0], errors
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == before  # still there, as it was

@@ -7,6 +7,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -20,8 +21,17 @@ from alignment.errors import ConfigError
 from alignment.heads import lean_disagreement, plain_head_weight
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.metrics import MeanTracker
-from alignment.model import POLICY_ADAPTER, REFERENCE_ADAPTER, add_lora, load_base, load_lora, read_adapter
+from alignment.model import (
+    POLICY_ADAPTER,
+    REFERENCE_ADAPTER,
+    adapter_weights,
+    add_lora,
+    load_base,
+    load_lora,
+    read_adapter,
+)
 from alignment.packing import pack_rows, packed_sequence_logps
+from alignment.reference import adapter_identity
 from alignment.resume import ExactResume
 from alignment.tiny import TINY
 
@@ -110,8 +120,11 @@ class PreferenceModule(L.LightningModule):
         _check(warmup_steps >= 0, f"--model.warmup_steps must be >= 0, got {warmup_steps}")
         _check(logits_chunk_size is None or logits_chunk_size > 0, "--model.logits_chunk_size must be > 0 or null")
         self.save_hyperparameters()
+        self.starting_adapter: dict | None = None  # what names --model.adapter: the reference and a resume depend on it
         if adapter is not None:
-            self.hparams.update(_lora_of_adapter(self.hparams))
+            config = read_adapter(adapter, base, revision)
+            self.hparams.update(_lora_of_adapter(self.hparams, config))
+            self.starting_adapter = adapter_identity(adapter_weights(adapter), config)
         self.policy: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters, not the base
         self.train_metrics = MeanTracker(self.metric_names)
@@ -126,6 +139,11 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:  # Lightning may call this more than once
             return
         hp = self.hparams
+        callbacks = self.trainer.callbacks if self.attached else []
+        for replaced in filter(None, (getattr(c, "adapter_dir", None) for c in callbacks)):  # where the run saves one
+            _check(hp.adapter is None or not Path(hp.adapter).resolve().is_relative_to(Path(replaced).resolve()),
+                   f"--model.adapter {hp.adapter} is where this run saves its own adapter ({replaced}): copy it "
+                   "elsewhere, or train in another --trainer.default_root_dir")  # fmt: skip
         device = self.trainer.strategy.root_device if self.attached else torch.device("cpu")
         dtype = hp.compute_dtype
         if dtype == "auto":
@@ -343,10 +361,9 @@ class PreferenceModule(L.LightningModule):
             )
 
 
-def _lora_of_adapter(hparams) -> dict:
-    """The lora_* settings of the adapter training starts from, as its adapter_config.json has them. A flag at its
-    default is taken as not given; one given another value is a mistake, named."""
-    config = read_adapter(hparams.adapter, hparams.base, hparams.revision)
+def _lora_of_adapter(hparams, config: dict) -> dict:
+    """The lora_* settings of the adapter training starts from, as its adapter_config.json (`config`) has them. A
+    flag at its default is taken as not given; one given another value is a mistake, named."""
     defaults = inspect.signature(PreferenceModule.__init__).parameters
     settings = {}
     for flag, key in _ADAPTER_KEYS.items():

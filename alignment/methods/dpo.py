@@ -12,12 +12,10 @@ from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
 from alignment.hub import resolve_base
 from alignment.losses import MEAN_LOGPS_LOSSES, DPOLossType, RunningMean, chosen_nll, dpo_loss, rpo_loss
 from alignment.methods.base import REWARD_METRICS, PreferenceModule, Split, _check, answer_tokens, reward_metrics
-from alignment.model import adapter_weights, read_adapter
 from alignment.reference import (
     ReferenceCache,
     ReferencePassStopped,
     Tables,
-    adapter_identity,
     filled,
     reference_tables,
     save_added_rows,
@@ -201,9 +199,8 @@ class DPO(PreferenceModule):
             "device": self.device.type,
             "precision": str(self.trainer.precision),
         }
-        if hp.adapter is not None:  # the reference is that adapter: an entry of the bare base is never read
-            config = read_adapter(hp.adapter, hp.base, hp.revision)
-            identity["adapter"] = adapter_identity(adapter_weights(hp.adapter), config)
+        if self.starting_adapter is not None:  # the reference is that adapter: an entry of the bare base is never read
+            identity["adapter"] = self.starting_adapter
         return identity
 
     @torch.no_grad()
