@@ -83,6 +83,24 @@ def test_every_config_parses(config, capsys):
     assert "tokenizer" not in printed["data"]  # linked from model.base, not set by hand
 
 
+# every preference method has a config for every seed base; a method joins with its name here
+PAIRED_METHODS = ("DPO", "ORPO", "SimPO", "CPO")
+SEED_BASES = ("gemma2b", "llama3_8b", "mistral7b", "tinyllama", "smollm2")
+
+
+@pytest.mark.parametrize("base", SEED_BASES)
+@pytest.mark.parametrize("method", PAIRED_METHODS)
+def test_every_method_has_a_config_per_seed_base_that_differs_only_in_its_method(method, base):
+    path = ROOT / "configs" / f"{method.lower()}_{base}.yaml"
+    assert path.name in CONFIGS, f"{path.name} missing"  # and so parsed by test_every_config_parses
+    config, dpo = (yaml.safe_load(p.read_text()) for p in (path, ROOT / "configs" / f"dpo_{base}.yaml"))
+    assert config["model"]["class_path"] == f"alignment.{method}" and method in METHODS
+    assert {k: v for k, v in config.items() if k != "model"} == {k: v for k, v in dpo.items() if k != "model"}
+    shared = set(config["model"]["init_args"]) & set(dpo["model"]["init_args"]) - {"beta", "label_smoothing"}
+    assert {k: config["model"]["init_args"][k] for k in shared} == {k: dpo["model"]["init_args"][k] for k in shared}
+    assert "base" in shared and "learning_rate" in shared
+
+
 def test_offline_hub_model_fails_at_once_with_local_path_hint(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(8, seed=0))
     result = run_cli("fit", "--config", "orpo_tinyllama.yaml", "--data.path", str(data), "--data.val_split", "null",

@@ -90,3 +90,27 @@ def test_two_process_run_stopped_by_a_signal_to_one_process_resumes_bit_exact(tm
     resumed, whole = adapter(tmp_path / "run"), adapter(tmp_path / "whole")
     assert resumed.keys() == whole.keys()
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("config", "knobs"),
+    [("demo_simpo.yaml", []), ("demo_cpo.yaml", []), ("demo_dpo.yaml", ["--model.loss_type", "bco_pair"])],
+    ids=["SimPO", "CPO", "DPO-bco_pair"],  # bco_pair: its reward shift is a running mean gathered across processes
+)
+def test_two_process_resume_is_bit_exact_for_every_method(config, knobs, tmp_path):
+    common = ["--config", config, *knobs, "--trainer.max_steps", "8", "--trainer.devices", "2", "--trainer.strategy",
+              "ddp", "--model.lora_dropout", "0.1", "--trainer.val_check_interval", "4"]  # fmt: skip
+    if config == "demo_dpo.yaml":
+        common += ["--model.reference_cache_dir", str(tmp_path / "cache")]
+    fit_cli(tmp_path / "whole", *common)
+    stopped = fit_cli(tmp_path / "run", *common, "--trainer.callbacks+=tests.helpers.SignalAtStep",
+                      "--trainer.callbacks.step=5", "--trainer.callbacks.rank=1")  # fmt: skip
+    assert "stopped at step 5" in stopped.stderr
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    fit_cli(tmp_path / "run", "--config", str(tmp_path / "run" / "config.yaml"), "--ckpt_path", "last")
+    resumed, whole = adapter(tmp_path / "run"), adapter(tmp_path / "whole")
+    assert resumed.keys() == whole.keys() and whole
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    (*_, last_whole), (*_, last_resumed) = val_rows(tmp_path / "whole"), val_rows(tmp_path / "run")
+    assert last_resumed["val/loss"] == last_whole["val/loss"]

@@ -1,6 +1,11 @@
 """Exact resume: a run stopped (signal) or crashed and resumed from last.ckpt ends with the same adapter, bit for
 bit, as a run that never stopped; LoRA dropout on."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -8,8 +13,11 @@ import torch
 from alignment import DPO, ORPO, PreferenceDataModule
 from alignment.callbacks import RunCheckpoint
 from alignment.errors import ConfigError
+from alignment.methods import METHODS
 from alignment.resume import AtomicCheckpointIO
 from tests.helpers import CrashAtStep, SignalAtStep, synthetic_pairs, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(cls, pairs, root, *, max_steps, ckpt_path=None, extra_callbacks=(), every_n_train_steps=None, **kwargs):
@@ -140,3 +148,28 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temp file is gone too
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_checkpoint_resumed_as_another_method_is_refused_in_one_line(method, tmp_path):
+    """Each method's checkpoint, resumed through cli.py under the next method of METHODS (the last one under the
+    first): one line naming both, exit 2, nothing trained."""
+    names = list(METHODS)
+    other = names[(names.index(method) + 1) % len(names)]
+    run_dir = tmp_path / "run"
+    first = cli_fit(f"demo_{method.lower()}.yaml", run_dir, "--trainer.max_steps", "1",
+                    "--trainer.limit_val_batches", "1")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    result = cli_fit(f"demo_{other.lower()}.yaml", run_dir, "--ckpt_path", "last")
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"trained with {method}, this run is {other}" in line and "cannot resume" in line
+    assert "Traceback" not in result.stderr
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def cli_fit(config: str, run_dir, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", config, "--trainer.default_root_dir",
+               str(run_dir), "--trainer.enable_progress_bar", "false", *args]  # fmt: skip
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=os.environ.copy(), timeout=600)

@@ -17,14 +17,20 @@ log = logging.getLogger(__name__)
 
 PLOTTED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 OVERVIEW = "curves.png"
-# what each plotted metric measures, per method: DPO's rewards are beta * (policy - reference) of summed log-probs
-# (Rafailov et al. 2023, sec. 5), ORPO's beta * the policy's mean log-prob, as TRL logs them; ORPO's loss holds
-# the chosen answer's NLL (Hong et al. 2024, eq. 6), so it sits far above DPO's (ln 2 at the start)
+# what each plotted metric measures, per method, as TRL logs it: DPO's rewards are beta * (policy - reference) of
+# summed log-probs (Rafailov et al. 2023, sec. 5), its loss the chosen loss type's; ORPO's and SimPO's beta * the
+# policy's mean log-prob, CPO's beta * its summed log-prob. ORPO's loss holds the chosen answer's NLL (Hong et al.
+# 2024, eq. 6), CPO's too (Xu et al. 2024), so they sit far above DPO's (ln 2 at the start); SimPO's is
+# -log sigmoid(margin - gamma) (Meng et al. 2024, eq. 6), plus the NLL when cpo_alpha > 0
 AXIS_LABELS = {
     "DPO": {"loss": "DPO loss", "rewards/chosen": "β·(log π − log π_ref), summed",
             "rewards/rejected": "β·(log π − log π_ref), summed", "rewards/margins": "chosen − rejected reward"},
     "ORPO": {"loss": "NLL + β·L_OR", "rewards/chosen": "β·mean log π", "rewards/rejected": "β·mean log π",
              "rewards/margins": "chosen − rejected reward"},
+    "SimPO": {"loss": "−log σ(margin − γ) (+ α·NLL)", "rewards/chosen": "β·mean log π",
+              "rewards/rejected": "β·mean log π", "rewards/margins": "chosen − rejected reward"},
+    "CPO": {"loss": "−log σ(margin) + α·NLL", "rewards/chosen": "β·log π, summed",
+            "rewards/rejected": "β·log π, summed", "rewards/margins": "chosen − rejected reward"},
 }  # fmt: skip
 GENERIC_LABELS = {"loss": "loss", "rewards/chosen": "reward", "rewards/rejected": "reward",
                   "rewards/margins": "reward margin",
@@ -38,7 +44,7 @@ class Curves:
     label: str
     train: pd.DataFrame  # columns: the metric names without the "train/" prefix
     val: pd.DataFrame  # the same without "val/"
-    method: str = ""  # the module's class name (DPO, ORPO), "" when the run has no config
+    method: str = ""  # the module's class name (a key of METHODS), "" when the run has no config
 
     def final(self, split: str, metric: str) -> float:
         """The last value logged for `split/metric`, NaN when it was never logged."""

@@ -76,7 +76,8 @@ class PreferenceModule(L.LightningModule):
         warmup_ratio: share of the run's optimizer steps spent warming up linearly from 0.
         warmup_steps: warmup in optimizer steps; when > 0 it wins over `warmup_ratio`.
         optimizer: AdamW, or bitsandbytes' 8-bit AdamW (smaller optimizer state).
-        beta: DPO's KL weight / ORPO's odds-ratio weight (lambda in the ORPO paper).
+        beta: DPO's KL weight (every loss type's temperature), ORPO's odds-ratio weight (lambda in its paper),
+            SimPO's reward scale (SimPO's default: 2.0), CPO's temperature.
         lean_logps: log-probs from the final hidden states, logits only at answer tokens and a chunk at a time
             (never the (2B, T, V) logits); false: full logits, then `sequence_logps` (the plain path).
         logits_chunk_size: answer tokens whose logits exist at once on the lean path; None: about 2**25 logits.
