@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import alignment
-from alignment.data import IGNORE_INDEX, TokenizedPair, collate_pairs
+from alignment.data import IGNORE_INDEX, TokenizedPair, TokenizedUnpaired, collate_pairs, collate_unpaired
+from alignment.errors import ConfigError
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.methods import METHODS
 from alignment.model import add_lora, load_base
@@ -141,8 +142,10 @@ def test_logps_and_lora_gradients_equal_the_padded_forwards(policy, lean, averag
 
 # ---- every method's module: --model.padding_free true against false ---------------------------------------------
 
-METHOD_CASES = [(name, {}) for name in METHODS] + [("DPO", {"loss_type": "ipo"}), ("DPO", {"loss_type": "hinge"}),
-                                                   ("ORPO", {"lean_logps": False})]  # fmt: skip
+PACKED_METHODS = [name for name in METHODS if getattr(alignment, name).data_kind != "sequences"]  # SFT: padded only
+METHOD_CASES = [(name, {}) for name in PACKED_METHODS] + [
+    ("DPO", {"loss_type": "ipo"}), ("DPO", {"loss_type": "hinge"}), ("ORPO", {"lean_logps": False})
+]  # fmt: skip
 
 
 def seeded_module(name: str, **kwargs):
@@ -160,12 +163,26 @@ def seeded_module(name: str, **kwargs):
     return module
 
 
+def batch_of(name: str):
+    """Two literal examples as the method's batches hold them: pairs, or KTO's labelled rows with KL rows."""
+    if getattr(alignment, name).data_kind == "pairs":
+        return literal_batch()
+    rows = [TokenizedUnpaired([1, 40, 41, 42], [50, 51, 2], [60, 61, 62, 2], 0, True),
+            TokenizedUnpaired([1, 43, 44], [60, 61, 62, 2], [50, 51, 2], 1, False)]  # fmt: skip
+    return collate_unpaired(rows, pad_id=3, pad_to_multiple_of=8)
+
+
+def test_sft_refuses_padding_free_in_one_line():
+    with pytest.raises(ConfigError, match="--model.padding_free: SFT trains on padded rows only"):
+        alignment.SFT(padding_free=True)
+
+
 @pytest.mark.parametrize(("name", "kwargs"), METHOD_CASES, ids=[f"{n}-{k}" for n, k in METHOD_CASES])
 def test_module_losses_metrics_and_lora_gradients_equal_the_padded_ones(name, kwargs):
     results = []
     for padding_free in (False, True):
         module = seeded_module(name, padding_free=padding_free, **kwargs)
-        loss, metrics = module.compute_loss(literal_batch())
+        loss, metrics = module.compute_loss(batch_of(name))
         loss.backward()
         grads = {n: p.grad for n, p in module.policy.named_parameters() if p.requires_grad}
         results.append((loss, metrics, grads))

@@ -16,7 +16,7 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import get_scheduler
 
-from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule, Split
+from alignment.data import IGNORE_INDEX, DataKind, PreferenceBatch, PreferenceDataModule, Split
 from alignment.errors import ConfigError
 from alignment.heads import lean_disagreement, plain_head_weight
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
@@ -86,7 +86,8 @@ class PreferenceModule(L.LightningModule):
     """
 
     metric_names: list[str] = REWARD_METRICS
-    has_reference: bool = False  # a method that scores the reference model (DPO) sets it
+    data_kind: DataKind = "pairs"  # what its batches hold: pairs, single answers (SFT) or labelled answers (KTO)
+    has_reference: bool = False  # a method that scores the reference model (DPO, KTO) sets it
     progress_metric: str = "rewards/accuracies"  # shown in the progress bar as acc / val_acc
 
     def __init__(
