@@ -24,8 +24,7 @@ from alignment.resume import AtomicCheckpointIO
 from tests.helpers import SignalAtStep, synthetic_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-# the first run of the CLI chain: ORPO today; the SFT config once there is one (SFT -> DPO is the usual chain)
-FIRST_RUN_CONFIG = "demo.yaml"
+FIRST_RUN_CONFIG = "demo_sft.yaml"  # the first run of the CLI chain: SFT, then DPO from its adapter
 
 
 def fit(cls, pairs, root, *, max_steps, ckpt_path=None, callbacks=(), **model):
