@@ -101,6 +101,18 @@ def test_every_method_has_a_config_per_seed_base_that_differs_only_in_its_method
     assert "base" in shared and "learning_rate" in shared
 
 
+@pytest.mark.parametrize("base", SEED_BASES)
+@pytest.mark.parametrize("method", sorted(set(METHODS) - set(PAIRED_METHODS)))
+def test_the_unpaired_and_supervised_methods_have_a_config_per_seed_base_on_the_same_model(method, base):
+    """SFT and KTO read other data (SFT splits, unpaired batches), so only the model settings match DPO's."""
+    path = ROOT / "configs" / f"{method.lower()}_{base}.yaml"
+    assert path.name in CONFIGS, f"{path.name} missing"  # and so parsed by test_every_config_parses
+    config, dpo = (yaml.safe_load(p.read_text()) for p in (path, ROOT / "configs" / f"dpo_{base}.yaml"))
+    assert config["model"]["class_path"] == f"alignment.{method}"
+    for key in ("base", "load_in_4bit", "lora_r", "lora_alpha", "lora_target_modules"):
+        assert config["model"]["init_args"].get(key) == dpo["model"]["init_args"].get(key), key
+
+
 def test_offline_hub_model_fails_at_once_with_local_path_hint(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(8, seed=0))
     result = run_cli("fit", "--config", "orpo_tinyllama.yaml", "--data.path", str(data), "--data.val_split", "null",
