@@ -212,3 +212,14 @@ def test_a_read_only_output_is_one_line_naming_it(tmp_path, verb, flag):
     line = error_line(result)
     assert line.startswith(f"error: {flag} {locked / 'out'}: cannot write there ({locked} is not writable)"), line
     assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_while_they_wait_unless_the_user_says_otherwise(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"OMP_WAIT_POLICY": given} if given else {})
+    script = "import os, runpy, sys; sys.argv = ['cli.py', '--help']; runpy.run_path('cli.py', run_name='__main__')"
+    script += "; print(os.environ['OMP_WAIT_POLICY'])"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == expected
