@@ -14,11 +14,11 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from alignment.callbacks import RunCheckpoint
 from alignment.data import PreferenceDataModule, usable_val_split
-from alignment.errors import RunDirError, RunFinished
+from alignment.errors import ConfigError, RunDirError, RunFinished
 from alignment.files import atomic_write
 from alignment.generations import SampleGenerations
+from alignment.hub import resolve_base
 from alignment.methods.base import PreferenceModule
-from alignment.model import resolve_base
 from alignment.parser import AlignmentParser
 from alignment.resume import AtomicCheckpointIO, RunCSVLogger, checkpoint_step
 from alignment.rundir import clear_run, holds_run, lock_run, release_runs, write_error
@@ -110,6 +110,11 @@ class AlignmentCLI(LightningCLI):
             check_fit_dir(root, config)
 
     def before_fit(self) -> None:
+        if self.config.fit.trainer.use_distributed_sampler and self.trainer.world_size > 1:
+            raise ConfigError(
+                "--trainer.use_distributed_sampler true: the data module shards the training pairs itself (that is "
+                "what makes a resume exact); leave it false"
+            )
         log.info("run directory: %s", self.trainer.default_root_dir)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):

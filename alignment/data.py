@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -21,9 +20,10 @@ from transformers import PreTrainedTokenizerBase
 
 from alignment.encoding import tokenize_rows
 from alignment.errors import ConfigError
-from alignment.model import TINY, load_tokenizer
+from alignment.model import load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
-from alignment.samplers import PairBatchSampler
+from alignment.samplers import PairBatchSampler, ShardSampler
+from alignment.tiny import TINY
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +206,18 @@ class PreferenceDataModule(L.LightningDataModule):
         columns: our field -> the data's column, e.g. {"prompt": "question", "system": "system"}.
         limit: read only the first N rows of each file (quick experiments).
         tokenizer: the base model's name or path (linked from the model by the CLI).
+        revision: the base's hub revision (linked from the model by the CLI).
         use_chat_template: apply the tokenizer's chat template; None: when the tokenizer has one.
         max_length: tokens of prompt + answer; answers are cut at the end to fit.
         max_prompt_length: the prompt keeps its last tokens; None: no separate limit.
+        batch_size: pairs per training batch in each process (per optimizer step: times the processes and
+            --trainer.accumulate_grad_batches).
+        eval_batch_size: pairs per validation batch (and per batch of the reference pass); None: batch_size.
         pad_to_multiple_of: pad batch width to a multiple of this (8 suits tensor cores).
         group_by_length: batch pairs of similar length together (less padding, faster); the longest batch first.
+        num_workers: data loader worker processes; 0 loads in the training process (the batches are ready-made
+            token ids, so workers rarely pay).
+        seed: seeds the held-out split and the order of the training pairs (the same order on resume).
     """
 
     def __init__(
@@ -313,14 +320,11 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> StatefulDataLoader:
+        # sharded here, across the trainer's processes: under DDP the Trainer needs use_distributed_sampler=False
+        # (Lightning refuses to inject its sampler into this batch sampler and says so; the CLI checks it first)
         trainer, world, rank = self.trainer, 1, 0
         if trainer is not None:
             world, rank = trainer.world_size, trainer.global_rank
-            if world > 1 and trainer._accelerator_connector.use_distributed_sampler:
-                raise ConfigError(
-                    "PreferenceDataModule shards the training pairs itself (that is what makes resume exact): "
-                    "create the Trainer with use_distributed_sampler=False"
-                )
         sampler = PairBatchSampler(
             [pair_length(p) for p in self.train_set],
             self.hparams.batch_size,
@@ -338,11 +342,8 @@ class PreferenceDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         sampler = None
         if world > 1 and len(self.val_set) >= world:
-            # Lightning's DistributedSampler pads the shards with repeated pairs, which val/* would count twice;
-            # this one splits them without repeats (every process still gets at least one pair)
-            sampler = UnrepeatedDistributedSampler(
-                self.val_set, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
-            )
+            # a DistributedSampler pads the shards with repeated pairs, which val/* would count twice
+            sampler = ShardSampler(self.val_set, num_replicas=world, rank=self.trainer.global_rank)
         batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
         return self._loader(self.val_set, batch_size=batch_size, sampler=sampler)
 

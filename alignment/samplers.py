@@ -1,11 +1,12 @@
-"""The training batch sampler: seeded, sharded across processes, optionally grouped by length, resumable."""
+"""The training batch sampler (seeded, sharded across processes, optionally grouped by length, resumable) and the
+evaluation sampler (sharded without repeats)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 MEGABATCH = 32  # global batches sorted together when grouping by length: enough to match lengths, still shuffled
 
@@ -69,3 +70,23 @@ class PairBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches():
             yield batch[self.rank :: self.num_replicas]
+
+
+class ShardSampler(DistributedSampler):
+    """Positions `rank, rank + num_replicas, ...` of a dataset, without repeats: for evaluation under DDP.
+
+    torch's DistributedSampler pads the shards to equal length with repeated items, which metrics averaged over
+    the validation set would count twice; here the shards differ in length by at most one instead. Every process
+    must get at least one item (a process with none would leave the others waiting), so `len(dataset)` must be at
+    least `num_replicas`. A DistributedSampler subclass: Lightning keeps it and does not inject its own.
+    """
+
+    def __init__(self, dataset: Sized, *, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        if len(dataset) < num_replicas:
+            raise ValueError(f"{len(dataset)} items cannot give each of {num_replicas} processes one")
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))

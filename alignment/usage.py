@@ -10,9 +10,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from alignment.commands import VERB_HELP, run_verb
 from alignment.errors import USER_ERRORS, ConfigError
 from alignment.files import ACCESS_REFUSED
-from alignment.verbs import VERB_HELP, run_verb
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TRAINING_VERBS = {
@@ -23,9 +23,13 @@ TRAINING_VERBS = {
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    # deprecation notices raised inside peft and lightning themselves, on every run: nothing a user can act on
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Two deprecation notices about other libraries' own calls, on every run, that no user can act on: peft reads
+    # transformers' `is_gradient_checkpointing` (peft 0.21 / transformers 5.23), lightning builds torch's
+    # `LeafSpec()` (lightning 2.6 / torch 2.13). Filtered by message AND the module that warns; all else shows.
+    warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning,
+                            module="transformers.modeling_utils")  # fmt: skip
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
+                            module="lightning.pytorch.utilities._pytree")  # fmt: skip
     logging.getLogger("alignment").setLevel(logging.INFO)
     if argv is None:  # from the shell: LightningCLI reads sys.argv itself
         sys.argv[1:] = resolve_config_args(sys.argv[1:])

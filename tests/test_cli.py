@@ -15,6 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from alignment import DPO, ORPO
+from alignment.methods import METHODS
 from alignment.model import load_base
 from alignment.usage import main
 from tests.helpers import synthetic_pairs, write_jsonl
@@ -78,7 +79,7 @@ def test_every_config_parses(config, capsys):
         main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] in ("alignment.DPO", "alignment.ORPO")
+    assert printed["model"]["class_path"] in {f"alignment.{name}" for name in METHODS}
     assert "tokenizer" not in printed["data"]  # linked from model.base, not set by hand
 
 
@@ -196,3 +197,14 @@ def test_second_interrupt_stops_at_once_and_keeps_adapter_and_a_checkpoint(tmp_p
     assert checkpoints
     state = torch.load(max(checkpoints, key=lambda p: p.stat().st_mtime), weights_only=True)
     assert state["global_step"] > 0 and all("lora_" in k for k in state["state_dict"])
+
+
+def test_lightnings_distributed_sampler_is_refused_in_one_line_under_ddp(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("fit", "--config", "demo.yaml", "--trainer.default_root_dir", str(run),
+                     "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                     "--trainer.use_distributed_sampler", "true")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --trainer.use_distributed_sampler true: the data module shards") and "Traceback" \
+        not in result.stderr

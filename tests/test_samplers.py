@@ -1,8 +1,9 @@
 """The training batch sampler: every pair once an epoch, the same steps on N processes as on one, grouping."""
 
 import pytest
+from torch.utils.data import DistributedSampler
 
-from alignment.samplers import MEGABATCH, PairBatchSampler
+from alignment.samplers import MEGABATCH, PairBatchSampler, ShardSampler
 
 
 def epoch(sampler: PairBatchSampler, number: int = 0) -> list[list[int]]:
@@ -50,3 +51,22 @@ def test_grouping_puts_similar_lengths_together_and_the_longest_batch_first():
     assert padding(grouped) < padding(plain) / 5
     assert max(lengths[i] for i in grouped[0]) == max(lengths)
     assert grouped[1:] != sorted(grouped[1:], key=lambda b: -max(lengths[i] for i in b))  # the rest shuffled
+
+
+@pytest.mark.parametrize(("n", "world"), [(7, 3), (6, 3), (3, 3), (10, 4), (5, 1)])
+def test_evaluation_shards_cover_every_pair_once(n, world):
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    shards = [list(ShardSampler(range(n), num_replicas=world, rank=rank)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(n))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1 and min(map(len, shards)) >= 1
+    for rank, shard in enumerate(shards):
+        sampler = ShardSampler(range(n), num_replicas=world, rank=rank)
+        assert len(sampler) == len(shard) and isinstance(sampler, DistributedSampler)  # Lightning leaves it alone
+        # what the Lightning sampler it replaces gave
+        assert shard == list(UnrepeatedDistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=False))
+
+
+def test_evaluation_shards_need_one_pair_per_process():
+    with pytest.raises(ValueError, match="2 items cannot give each of 3 processes one"):
+        ShardSampler(range(2), num_replicas=3, rank=0)
