@@ -17,7 +17,8 @@ The README's table, every workload in WORKLOADS (ours padding-free), N alternate
     python benchmarks/versus_trl.py --trl-python python --rounds 3 --table
 
 Flags after `--` go to both scripts (they share --algo --size --steps --warm --bs --prompt-len
---completion-len --no-4bit --no-gc --precompute-ref); `--ours "..."` adds flags for ours only.
+--completion-len --vary --no-4bit --no-gc --precompute-ref); `--ours="..."` adds flags for ours only
+(with `=`, as its value starts with `--`).
 """
 
 from __future__ import annotations
