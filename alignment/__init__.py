@@ -10,8 +10,10 @@ from alignment.methods import METHODS
 if TYPE_CHECKING:
     from alignment.data import PreferenceBatch, PreferenceDataModule
     from alignment.methods.base import PreferenceModule
+    from alignment.methods.cpo import CPO
     from alignment.methods.dpo import DPO
     from alignment.methods.orpo import ORPO
+    from alignment.methods.simpo import SimPO
 
 # imported on first use (PEP 562): `python cli.py --help` and the after-training verbs must not wait for torch
 _HOMES = {
@@ -20,7 +22,8 @@ _HOMES = {
     "PreferenceBatch": "alignment.data",
     "PreferenceDataModule": "alignment.data",
 }
-__all__ = ["DPO", "ORPO", "PreferenceBatch", "PreferenceDataModule", "PreferenceModule"]  # and every METHODS name
+# and every METHODS name
+__all__ = ["CPO", "DPO", "ORPO", "SimPO", "PreferenceBatch", "PreferenceDataModule", "PreferenceModule"]
 
 
 def __getattr__(name: str) -> Any:

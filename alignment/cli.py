@@ -17,8 +17,8 @@ from alignment.data import PreferenceDataModule, usable_val_split
 from alignment.errors import ConfigError, RunDirError, RunFinished
 from alignment.files import atomic_write
 from alignment.generations import SampleGenerations
+from alignment.hub import resolve_base
 from alignment.methods.base import PreferenceModule
-from alignment.model import resolve_base
 from alignment.parser import AlignmentParser
 from alignment.resume import AtomicCheckpointIO, RunCSVLogger, checkpoint_step
 from alignment.rundir import clear_run, holds_run, lock_run, release_runs, write_error

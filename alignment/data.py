@@ -20,9 +20,10 @@ from transformers import PreTrainedTokenizerBase
 
 from alignment.encoding import tokenize_rows
 from alignment.errors import ConfigError
-from alignment.model import TINY, load_tokenizer
+from alignment.model import load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
 from alignment.samplers import PairBatchSampler, ShardSampler
+from alignment.tiny import TINY
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +206,18 @@ class PreferenceDataModule(L.LightningDataModule):
         columns: our field -> the data's column, e.g. {"prompt": "question", "system": "system"}.
         limit: read only the first N rows of each file (quick experiments).
         tokenizer: the base model's name or path (linked from the model by the CLI).
+        revision: the base's hub revision (linked from the model by the CLI).
         use_chat_template: apply the tokenizer's chat template; None: when the tokenizer has one.
         max_length: tokens of prompt + answer; answers are cut at the end to fit.
         max_prompt_length: the prompt keeps its last tokens; None: no separate limit.
+        batch_size: pairs per training batch in each process (per optimizer step: times the processes and
+            --trainer.accumulate_grad_batches).
+        eval_batch_size: pairs per validation batch (and per batch of the reference pass); None: batch_size.
         pad_to_multiple_of: pad batch width to a multiple of this (8 suits tensor cores).
         group_by_length: batch pairs of similar length together (less padding, faster); the longest batch first.
+        num_workers: data loader worker processes; 0 loads in the training process (the batches are ready-made
+            token ids, so workers rarely pay).
+        seed: seeds the held-out split and the order of the training pairs (the same order on resume).
     """
 
     def __init__(

@@ -57,3 +57,8 @@ def check_writable(path: str | Path, flag: str) -> None:
     except OSError as err:  # read-only, no permission, or a pseudo file system such as /proc
         where = "" if existing == target else f" ({existing} is not writable)"
         raise ConfigError(f"{flag} {path}: cannot write there{where}: {err.strerror}") from None
+
+
+def cache_dir() -> Path:
+    """Where the tool keeps what it builds once: the tiny model, converted GGUF bases, reference log-probs."""
+    return Path(os.environ.get("ALIGNMENT_CACHE", Path.home() / ".cache" / "alignment"))

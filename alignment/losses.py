@@ -8,41 +8,153 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DPOLossType = Literal["sigmoid", "hinge", "ipo", "robust"]
+DPOLossType = Literal[
+    "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down", "aot",
+    "exo_pair", "discopop",
+]  # fmt: skip
+
+# Loss types whose inputs are per-token MEAN logps, as TRL 1.16's DPOTrainer feeds them (IPO's loss divides the
+# summed log-ratios by the answer lengths); every other loss type takes per-sequence sums.
+MEAN_LOGPS_LOSSES = frozenset({"ipo"})
 
 
-def _dpo_sigmoid(margin: Tensor, beta: float, label_smoothing: float) -> Tensor:
-    # DPO, Rafailov et al. 2023, eq. 7; label smoothing as conservative DPO (Mitchell 2023)
-    return -F.logsigmoid(beta * margin) * (1 - label_smoothing) - F.logsigmoid(-beta * margin) * label_smoothing
+class PairLogps(NamedTuple):
+    """Per-sequence log-probs of a batch of pairs, each (B,)."""
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+
+    @property
+    def chosen_logratios(self) -> Tensor:  # (B,) log pi/ref of the chosen answers
+        return self.policy_chosen - self.ref_chosen
+
+    @property
+    def rejected_logratios(self) -> Tensor:  # (B,)
+        return self.policy_rejected - self.ref_rejected
+
+    @property
+    def margin(self) -> Tensor:  # (B,) h = log pi/ref (chosen) - log pi/ref (rejected)
+        return self.chosen_logratios - self.rejected_logratios
 
 
-def _dpo_robust(margin: Tensor, beta: float, label_smoothing: float) -> Tensor:
-    # Robust DPO, Chowdhury et al. 2024, eq. 8: unbiased under a label flip rate of label_smoothing
-    flipped = -F.logsigmoid(beta * margin) * (1 - label_smoothing) + F.logsigmoid(-beta * margin) * label_smoothing
-    return flipped / (1 - 2 * label_smoothing)
+@dataclass(frozen=True)
+class LossKnobs:
+    """What a DPO-family loss reads besides the log-probs."""
+
+    beta: float
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    reward_shift: float | Tensor = 0.0  # bco_pair's delta
 
 
-def _dpo_hinge(margin: Tensor, beta: float, label_smoothing: float) -> Tensor:
-    # SLiC-HF hinge, Zhao et al. 2023, eq. 3, with beta as the inverse margin scale
-    return torch.relu(1 - beta * margin)
+def _smoothed_sigmoid(logits: Tensor, label_smoothing: float) -> Tensor:
+    # conservative DPO (Mitchell 2023): the label is flipped with probability label_smoothing
+    return -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
 
 
-def _dpo_ipo(margin: Tensor, beta: float, label_smoothing: float) -> Tensor:
-    # IPO, Azar et al. 2023, eq. 17: regress the log-ratio margin onto 1 / (2 * tau), tau = beta
-    return (margin - 1 / (2 * beta)) ** 2
+def _dpo_sigmoid(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """DPO, Rafailov et al. 2023, eq. 7, with conservative-DPO label smoothing."""
+    return _smoothed_sigmoid(k.beta * logps.margin, k.label_smoothing)
 
 
-DPO_LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
+def _dpo_robust(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """Robust DPO, Chowdhury et al. 2024, eq. 8: unbiased under a label flip rate of label_smoothing."""
+    eps, logits = k.label_smoothing, k.beta * logps.margin
+    return (-F.logsigmoid(logits) * (1 - eps) + F.logsigmoid(-logits) * eps) / (1 - 2 * eps)
+
+
+def _dpo_hinge(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """SLiC-HF hinge, Zhao et al. 2023, eq. 3, with beta as the inverse margin scale."""
+    return torch.relu(1 - k.beta * logps.margin)
+
+
+def _dpo_ipo(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """IPO, Azar et al. 2023, eq. 17: regress the log-ratio margin onto 1 / (2 * tau), tau = beta (mean logps)."""
+    return (logps.margin - 1 / (2 * k.beta)) ** 2
+
+
+def _bco_pair(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """BCO on pairs, Jung et al. 2024 (arXiv:2404.04656), sec. 3: a binary classifier whose logit is the implicit
+    reward minus the reward shift delta, chosen labelled 1 and rejected 0: -log s(r_w - delta) - log s(-(r_l - delta)).
+    TRL 1.16 uses delta = 0; `RunningMean` gives the paper's delta, the running mean of the rewards."""
+    chosen_rewards, rejected_rewards = k.beta * logps.chosen_logratios, k.beta * logps.rejected_logratios
+    return -F.logsigmoid(chosen_rewards - k.reward_shift) - F.logsigmoid(-(rejected_rewards - k.reward_shift))
+
+
+def _sppo_hard(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """SPPO, Wu et al. 2024 (arXiv:2405.00675), eq. 4.7 with hard win probabilities (1 chosen, 0 rejected):
+    log-ratios regressed onto +1/(2 beta) and -1/(2 beta)."""
+    target = 0.5 / k.beta
+    return (logps.chosen_logratios - target) ** 2 + (logps.rejected_logratios + target) ** 2
+
+
+def _nca_pair(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """NCA, Chen et al. 2024 (arXiv:2402.05369), its pairwise loss: -log s(r_w) - 1/2 log s(-r_w) - 1/2 log s(-r_l),
+    r = beta * log pi/ref (absolute rewards, not only their margin)."""
+    chosen_rewards, rejected_rewards = k.beta * logps.chosen_logratios, k.beta * logps.rejected_logratios
+    return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+
+
+def _apo_zero(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """APO-zero, D'Oosterlinck et al. 2024 (arXiv:2408.06266), eq. 7: raise the chosen likelihood, lower the
+    rejected one (for chosen answers better than the model's own)."""
+    return (1 - torch.sigmoid(k.beta * logps.chosen_logratios)) + torch.sigmoid(k.beta * logps.rejected_logratios)
+
+
+def _apo_down(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """APO-down, D'Oosterlinck et al. 2024 (arXiv:2408.06266), eq. 8: lower both likelihoods, the rejected one more
+    (for chosen answers worse than the model's own)."""
+    return torch.sigmoid(k.beta * logps.chosen_logratios) + (1 - torch.sigmoid(k.beta * logps.margin))
+
+
+def _aot(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """AOT (paired), Melnyk et al. 2024 (arXiv:2406.05882): first-order stochastic dominance of the policy's
+    chosen-minus-rejected log-ratios over the reference's, by matching their sorted batch values (the optimal
+    transport plan in 1-D) under the smoothed sigmoid loss. Loss i is the i-th quantile's, not pair i's."""
+    policy_sorted, _ = torch.sort(logps.policy_chosen - logps.policy_rejected, dim=0)
+    ref_sorted, _ = torch.sort(logps.ref_chosen - logps.ref_rejected, dim=0)
+    return _smoothed_sigmoid(k.beta * (policy_sorted - ref_sorted), k.label_smoothing)
+
+
+def _exo_pair(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """EXO, Ji et al. 2024 (arXiv:2402.00856), eq. 16 with K = 2: KL(p_policy || p_label) between
+    p_policy = (s(beta h), s(-beta h)) and the smoothed labels p_label = (1 - eps, eps), eps = label_smoothing."""
+    eps, logits = k.label_smoothing, k.beta * logps.margin
+    chosen_term = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-eps))
+    rejected_term = torch.sigmoid(-logits) * (F.logsigmoid(-logits) - math.log(eps))
+    return chosen_term + rejected_term
+
+
+def _discopop(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """DiscoPOP (log-ratio modulated loss), Chris Lu et al. 2024 (arXiv:2406.08414), eq. 5: a blend of the logistic
+    loss and the exponential loss exp(-beta h), weighted by s(beta h / tau)."""
+    logits = k.beta * logps.margin
+    exp_weight = torch.sigmoid(logits / k.discopop_tau)
+    return -F.logsigmoid(logits) * (1 - exp_weight) + torch.exp(-logits) * exp_weight
+
+
+DPO_LOSSES: dict[str, Callable[[PairLogps, LossKnobs], Tensor]] = {
     "sigmoid": _dpo_sigmoid,
     "hinge": _dpo_hinge,
     "ipo": _dpo_ipo,
     "robust": _dpo_robust,
+    "bco_pair": _bco_pair,
+    "sppo_hard": _sppo_hard,
+    "nca_pair": _nca_pair,
+    "apo_zero": _apo_zero,
+    "apo_down": _apo_down,
+    "aot": _aot,
+    "exo_pair": _exo_pair,
+    "discopop": _discopop,
 }
 
 
@@ -55,9 +167,13 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: DPOLossType = "sigmoid",
     label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    reward_shift: float | Tensor = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """DPO family (Rafailov et al. 2023, eq. 7) on h = log pi/ref (chosen) - log pi/ref (rejected).
+    """DPO family (Rafailov et al. 2023, eq. 7) on log pi/ref of the chosen and the rejected answers.
 
+    `loss_type` picks the loss from `DPO_LOSSES`; the loss types in `MEAN_LOGPS_LOSSES` expect per-token mean
+    logps, the others sums. `discopop_tau` is DiscoPOP's temperature, `reward_shift` bco_pair's delta.
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards = beta * (policy - reference),
     the implicit reward of eq. 5 without its partition term.
     """
@@ -65,10 +181,79 @@ def dpo_loss(
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {sorted(DPO_LOSSES)}")
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
-    losses = DPO_LOSSES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    if loss_type == "exo_pair" and label_smoothing == 0:
+        raise ValueError("exo_pair needs label_smoothing > 0 (log of the smoothed label); the EXO paper uses 1e-3")
+    logps = PairLogps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    knobs = LossKnobs(beta, label_smoothing, discopop_tau, reward_shift)
+    losses = DPO_LOSSES[loss_type](logps, knobs)
+    return losses, beta * logps.chosen_logratios.detach(), beta * logps.rejected_logratios.detach()
+
+
+class RunningMean:
+    """The mean of every reward seen so far: bco_pair's reward shift delta (Jung et al. 2024, sec. 3).
+
+    State for exact resume: `state_dict()` / `load_state_dict()` (plain floats and ints). Under DDP pass `gather`,
+    a function that returns the values of every process (e.g. LightningModule.all_gather): each process then holds
+    the same mean.
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.count = 0
+
+    def update(self, values: Tensor, gather: Callable[[Tensor], Tensor] | None = None) -> float:
+        """Add `values` (any shape) to the mean; returns the new mean."""
+        values = values.detach()
+        if gather is not None:
+            values = gather(values)
+        values = values.double().flatten()
+        count = self.count + values.numel()
+        if count > self.count:  # incremental mean: exact in float64 for the counts of a training run
+            self.mean += (values.sum().item() - values.numel() * self.mean) / count
+            self.count = count
+        return self.mean
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self.mean, self.count = float(state["mean"]), int(state["count"])
+
+
+def chosen_nll(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
+    """The token-mean NLL of the batch's chosen answers, -sum_i logp_i / sum_i n_i (summed logps, token counts),
+    spread over the pairs as -logp_i * B / sum_j n_j so that its mean over the batch is that NLL: the `nll_loss`
+    of TRL's CPO trainer (cross entropy over every chosen token of the batch). Returns (B,)."""
+    return -chosen_logps * chosen_logps.numel() / chosen_tokens.sum().clamp(min=1)
+
+
+def rpo_loss(losses: Tensor, nll: Tensor, rpo_alpha: float) -> Tensor:
+    """RPO, Pang et al. 2024 (Iterative Reasoning Preference Optimization, arXiv:2404.19733), sec. 2: a preference
+    loss plus rpo_alpha times the NLL of the chosen answer (`chosen_nll`); with any loss type. (B,) -> (B,)."""
+    return losses + rpo_alpha * nll
+
+
+def simpo_loss(
+    chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO, Meng et al. 2024 (arXiv:2405.14734), eq. 6: -log s(beta * (mean logp_w - mean logp_l) - gamma),
+    reference-free, on per-token MEAN logps, gamma the target reward margin; conservative label smoothing as TRL's
+    CPO trainer (loss_type="simpo", which writes it as beta * (h - gamma / beta)).
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards = beta * mean logps, detached.
+    """
+    losses = _smoothed_sigmoid(beta * (chosen_logps - rejected_logps) - gamma, label_smoothing)
+    return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
+
+
+def cpo_loss(
+    chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 0.1, label_smoothing: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The preference term of CPO, Xu et al. 2024 (arXiv:2401.08417), eq. 3: -log s(beta * (logp_w - logp_l)) on
+    summed logps, reference-free (DPO with a uniform reference); CPO adds the chosen NLL (`chosen_nll`, weighted
+    by cpo_alpha). Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards = beta * logps, detached.
+    """
+    losses = _smoothed_sigmoid(beta * (chosen_logps - rejected_logps), label_smoothing)
+    return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
 
 
 def log1mexp(x: Tensor) -> Tensor:

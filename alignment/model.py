@@ -1,17 +1,11 @@
-"""Loading the base: hub name or local path, 4-bit or not, LoRA on top; and the tiny offline model."""
+"""Loading the base (4-bit or not) and its tokenizer, and LoRA on top."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
-import shutil
-import socket
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from packaging.version import Version
@@ -21,100 +15,19 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
 from alignment.errors import ModelLoadError
-from alignment.gguf import gguf_source, is_gguf
+from alignment.hub import resolve_base
+from alignment.rundir import ADAPTER_FILE, run_of_adapter
 
 log = logging.getLogger(__name__)
 
-TINY = "tiny"  # base name of the offline model: a 2-layer Llama with random weights and a byte tokenizer
-TINY_VERSION = 1  # bump when the tiny model or tokenizer changes, so cached copies are rebuilt
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ALIGNMENT_CACHE", Path.home() / ".cache" / "alignment"))
-
-
-def resolve_base(base: str, revision: str | None = None) -> str:
-    """What to load from: a local directory, or the hub name when the hub can be reached.
-
-    Without the hub, a name found in the local Hugging Face cache resolves to its snapshot directory, so nothing
-    after this tries the network (and waits through its retries); a name not there fails at once.
-    """
-    if base == TINY:
-        return str(build_tiny_model())
-    if is_gguf(base):  # a llama.cpp file, or a model a Python package ships: converted once, then a directory
-        return str(gguf_source(base, cache_dir()))
-    path = Path(base).expanduser()
-    if path.exists():
-        check_model_dir(base, path)
-        return str(path)
-    if looks_like_path(base):  # not a hub name: saying "not in the Hugging Face cache" would mislead
-        raise ModelLoadError(f"--model.base {base}: no such directory")
-    if hub_reachable():
-        return base
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(base, revision=revision, local_files_only=True)
-    except Exception as err:  # not cached, or not even a valid repo id: the same answer for the user
-        raise ModelLoadError(
-            f"cannot load model {base!r}: it is not a local directory and is not in the Hugging Face cache, "
-            "and the hub cannot be reached (offline, or HF_HUB_OFFLINE=1). Download it on a machine with network "
-            f"(`hf download {base} --local-dir DIR`) and pass the local copy: --model.base DIR"
-        ) from err
-
-
-def looks_like_path(base: str) -> bool:
-    """A path, not a hub name (`org/name`): starts like one, has more than one `/`, or has the OS's own separator."""
-    return base.startswith(("/", ".", "~")) or base.count("/") > 1 or (os.sep != "/" and os.sep in base)
-
-
-def check_model_dir(base: str, path: Path) -> None:
-    """One clear line for a local base that is not a model: a file, an empty directory, a PEFT adapter."""
-    if not path.is_dir():
-        raise ModelLoadError(f"--model.base {base}: a file, not a model directory (or a .gguf file)")
-    if not any(path.iterdir()):
-        raise ModelLoadError(
-            f"--model.base {base}: the directory is empty; it should hold a model (config.json, "
-            "weights, tokenizer), e.g. from `hf download NAME --local-dir DIR`"
-        )
-    adapter_config = path / "adapter_config.json"
-    if adapter_config.is_file():
-        try:
-            named = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-        except (OSError, ValueError):
-            named = None
-        raise ModelLoadError(
-            f"--model.base {base}: this is a PEFT adapter, not a base model; its base is named in "
-            f"{adapter_config} (base_model_name_or_path: {named!r}): pass that as --model.base"
-        )
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"--model.base {base}: no config.json in this directory: it is not a model directory")
-
-
-def hub_reachable() -> bool:
-    """Whether the hub answers; asked once per process (start-up checks the model and the data several times)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    return _answers(endpoint.hostname or "huggingface.co", port)
-
-
-@functools.lru_cache(maxsize=8)
-def _answers(host: str, port: int, timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+POLICY_ADAPTER = "default"  # peft's name for the adapter a PeftModel is built with: the one trained and saved
+REFERENCE_ADAPTER = "reference"  # a frozen copy of the adapter training started from: DPO's reference
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT writes, newest format first
 
 
 def load_tokenizer(base: str, revision: str | None = None) -> PreTrainedTokenizerBase:
@@ -212,11 +125,7 @@ def add_lora(
     gradient_checkpointing: bool = False,
 ) -> PeftModel:
     """LoRA adapters (PEFT) over a frozen base; gradient checkpointing non-reentrant (the reentrant kind breaks DDP)."""
-    checkpointing_kwargs = {"use_reentrant": False}
-    if getattr(model, "is_loaded_in_4bit", False):
-        _upcast_for_kbit_training(model)
-    if gradient_checkpointing:
-        _enable_checkpointing(model, checkpointing_kwargs)
+    _prepare_for_lora(model, gradient_checkpointing)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
@@ -226,6 +135,84 @@ def add_lora(
         raise ModelLoadError(f"cannot put LoRA adapters on {target_modules!r}: {err}") from err
     # from_pretrained leaves the base in eval mode, where transformers skips gradient checkpointing
     return policy.train()
+
+
+def load_lora(
+    model: PreTrainedModel, adapter: str, *, reference: bool = False, gradient_checkpointing: bool = False
+) -> PeftModel:
+    """The LoRA adapter saved in `adapter` over a frozen base, trainable (`POLICY_ADAPTER`); with `reference`, a
+    second, frozen copy of it beside (`REFERENCE_ADAPTER`): one base, two small adapters."""
+    _prepare_for_lora(model, gradient_checkpointing)
+    try:
+        policy = PeftModel.from_pretrained(model, adapter, adapter_name=POLICY_ADAPTER, is_trainable=True)
+        if reference:  # left inactive and frozen; `PreferenceModule.reference_model` switches to it
+            policy.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:  # e.g. target modules or shapes the base does not have
+        raise ModelLoadError(f"--model.adapter {adapter}: does not fit the base: {err}") from err
+    return policy.train()
+
+
+def _prepare_for_lora(model: PreTrainedModel, gradient_checkpointing: bool) -> None:
+    if getattr(model, "is_loaded_in_4bit", False):
+        _upcast_for_kbit_training(model)
+    if gradient_checkpointing:  # non-reentrant: the reentrant kind breaks DDP
+        _enable_checkpointing(model, {"use_reentrant": False})
+
+
+def read_adapter(adapter: str, base: str, revision: str | None = None) -> dict:
+    """The adapter_config.json of `adapter`, a PEFT LoRA adapter directory with its weights, trained on `base`;
+    a ModelLoadError naming --model.adapter otherwise."""
+    path = Path(adapter).expanduser()
+    flag = f"--model.adapter {adapter}"
+    if not path.is_dir():
+        raise ModelLoadError(f"{flag}: no such directory (expected a PEFT adapter, e.g. runs/NAME/adapter)")
+    if not (path / ADAPTER_FILE).is_file():
+        hint = f": pass {path / 'adapter'}" if (path / "adapter" / ADAPTER_FILE).is_file() else ""
+        raise ModelLoadError(f"{flag}: not a PEFT adapter directory (no {ADAPTER_FILE}){hint}")
+    try:
+        config = json.loads((path / ADAPTER_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{flag}: {ADAPTER_FILE} is not readable JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise ModelLoadError(f"{flag}: a {kind or 'unknown'} adapter; only LoRA adapters can be trained here")
+    if adapter_weights(path) is None:
+        raise ModelLoadError(f"{flag}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}) in the directory")
+    named = config.get("base_model_name_or_path")
+    if named is None:
+        log.warning("%s names no base (base_model_name_or_path): assuming it was trained on %s", flag, base)
+    elif not _same_base(path, named, base, revision):
+        raise ModelLoadError(
+            f"{flag} was trained on {named!r} (base_model_name_or_path in its {ADAPTER_FILE}), not on "
+            f"--model.base {base}: pass the base it was trained on"
+        )
+    return config
+
+
+def adapter_weights(adapter: str | Path) -> Path | None:
+    """The weights file of a PEFT adapter directory, or None."""
+    return next((Path(adapter) / f for f in ADAPTER_WEIGHTS if (Path(adapter) / f).is_file()), None)
+
+
+def _same_base(adapter: Path, named: str, base: str, revision: str | None) -> bool:
+    """Whether `named` (an adapter's base_model_name_or_path) is `base`. PEFT records the path the weights were
+    loaded from: for "tiny" or a gguf file, the directory they resolve to; offline, a hub snapshot's directory.
+    The run that saved the adapter (its config.yaml) names the base as given."""
+    run = run_of_adapter(adapter)
+    if run is not None and run.model_args().get("base") == base:
+        return True
+    source = resolve_base(base, revision)
+    if named in (base, source) or _hub_name(named) in (base, _hub_name(source)):
+        return True
+    return Path(named).exists() and Path(named).resolve() == Path(source).resolve()
+
+
+def _hub_name(source: str) -> str:
+    """`org/name` for a hub cache snapshot (`.../models--org--name/snapshots/<commit>`), else `source`."""
+    parts = Path(source).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    return source
 
 
 def _enable_checkpointing(model: PreTrainedModel, kwargs: dict) -> None:
@@ -252,67 +239,3 @@ def _upcast_for_kbit_training(model: PreTrainedModel) -> None:
         is_16bit = param.dtype in (torch.float16, torch.bfloat16)
         if is_16bit and id(param) not in kept and param.__class__.__name__ != "Params4bit":
             param.data = param.data.to(torch.float32)
-
-
-# ---- the tiny offline model ---------------------------------------------------------------------------------
-
-_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-
-
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer (one byte = one token): any text, no download, exact lengths."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {token: i for i, token in enumerate(specials + sorted(alphabet))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": specials[4:]})
-    # like Llama's tokenizer: BOS in front of plain encodes (the data pipeline relies on seeing that)
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.bos_token_id)]
-    )
-    tokenizer.chat_template = _CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_tiny_model(root: Path | None = None) -> Path:
-    """Write (once) a seeded random 2-layer Llama and its tokenizer to the cache; return the directory."""
-    target = (root or cache_dir()) / f"tiny-llama-v{TINY_VERSION}"
-    if (target / "config.json").exists():
-        return target
-    tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # write aside, then rename: concurrent processes (DDP ranks, parallel tests) never see half a model
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    try:
-        staging.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(staging, ignore_errors=True)
-    return target

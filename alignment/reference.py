@@ -51,7 +51,7 @@ def filled(table: Tensor) -> Tensor:
 
 
 def default_cache_dir() -> Path:
-    from alignment.model import cache_dir
+    from alignment.files import cache_dir
 
     return cache_dir() / "reference"
 
@@ -70,26 +70,46 @@ def weights_identity(source: str, revision: str | None) -> str:
     path = Path(source)
     if not path.is_dir():  # a hub name while the hub is reachable: the revision pins it, or "main" moves
         return f"hub:{source}@{revision or 'main'}"
-    # hashing GBs of weights on every run would cost seconds: remember each file's hash per (path, size, mtime)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    digest = hashlib.sha256()
+    for file, file_hash in zip(files, _file_hashes(files), strict=True):
+        digest.update(file.relative_to(path).as_posix().encode())
+        digest.update(file_hash.encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def adapter_identity(weights: Path, config: dict) -> dict:
+    """What names a starting adapter, DPO's reference then: its weights file's hash, and the settings that scale
+    the update it adds (LoRA's alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    scaling = {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora")}
+    return {"weights": file_digest(weights), **scaling}
+
+
+def file_digest(file: Path) -> str:
+    return f"sha256:{_file_hashes([file])[0]}"
+
+
+def _file_hashes(files: list[Path]) -> list[str]:
+    """The sha256 of each file. Hashing GBs of weights on every run would cost seconds: each file's hash is
+    remembered per (path, size, mtime)."""
     memo = default_cache_dir() / "file-hashes.json"
     try:
         known = json.loads(memo.read_text())
     except (OSError, ValueError):
         known = {}
-    digest, before = hashlib.sha256(), len(known)
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    before, hashes = len(known), []
+    for file in files:
         stat = file.stat()
         key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if key not in known:
             known[key] = _file_sha256(file)
-        digest.update(file.relative_to(path).as_posix().encode())
-        digest.update(known[key].encode())
+        hashes.append(known[key])
     if len(known) != before:
         try:
             atomic_write(memo, lambda handle: handle.write(json.dumps(known).encode()))
         except OSError:  # a read-only cache only costs the hashes next time
             pass
-    return f"sha256:{digest.hexdigest()}"
+    return hashes
 
 
 def _file_sha256(file: Path) -> str:

@@ -17,6 +17,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from alignment.errors import ConfigError, RunDirError
 from alignment.files import atomic_write
+from alignment.model import adapter_weights
+from alignment.reference import file_digest
 from alignment.rundir import write_error
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,8 @@ def run_identity(module, datamodule, trainer) -> dict[str, Any]:
     """What a resumed run must share with the checkpoint: the method, its model and objective settings, and the
     training pairs and their batching."""
     hparams = {k: v for k, v in dict(module.hparams).items() if k not in MAY_CHANGE}
+    if hparams.get("adapter") is not None:  # the adapter the run started from may have been trained over since
+        hparams["adapter_weights"] = file_digest(adapter_weights(hparams["adapter"]))
     identity: dict[str, Any] = {"method": type(module).__name__, "model": hparams}
     if datamodule is not None and hasattr(datamodule, "digest"):
         data = datamodule.hparams

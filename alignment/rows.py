@@ -239,7 +239,7 @@ def _offline_unless_reachable() -> Iterator[None]:
     import datasets
     import huggingface_hub
 
-    from alignment.model import hub_reachable
+    from alignment.hub import hub_reachable
 
     if hub_reachable():
         yield

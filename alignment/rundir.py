@@ -161,7 +161,8 @@ def stage_adapter(pl_module, adapter: Path) -> Path | None:
     adapter.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=adapter.parent, prefix=f".{adapter.name}."))
     try:
-        policy.save_pretrained(staged)
+        # the active adapter alone: not the frozen copy of a starting adapter that DPO keeps as its reference
+        policy.save_pretrained(staged, selected_adapters=[policy.active_adapter])
         for file in staged.rglob("*"):
             if file.is_file():
                 _fsync(file)

@@ -10,9 +10,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from alignment.commands import VERB_HELP, run_verb
 from alignment.errors import USER_ERRORS, ConfigError
 from alignment.files import ACCESS_REFUSED
-from alignment.verbs import VERB_HELP, run_verb
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TRAINING_VERBS = {

@@ -34,6 +34,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from alignment import DPO, ORPO, PreferenceDataModule  # noqa: E402
+from alignment.reference import filled  # noqa: E402
 
 SIZES = {
     "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -47,6 +48,9 @@ SIZES = {
     # TinyLlama-1.1B's architecture
     "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                       num_attention_heads=32, num_key_value_heads=4),
+    # SmolLM2-135M's architecture (30 thin layers, tied embeddings): a real model's shape a CPU can train
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
 }  # fmt: skip
 H100_BF16_PEAK = 798e12  # dense bf16 matmul FLOP/s measured on the H100 of the reference figures
 
@@ -62,9 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--completion-len", default="384", help="comma list: one run per length")
     ap.add_argument("--no-4bit", action="store_true", help="full-precision base")
     ap.add_argument("--no-gc", action="store_true", help="no gradient checkpointing")
+    ap.add_argument("--vary", action="store_true", help="each prompt and answer length uniform in [len/4, len], seeded")
     ap.add_argument("--precompute-ref", action="store_true", help="DPO: reference log-probs from the cache")
+    ap.add_argument("--padding-free", action="store_true", help="ours: sequences packed into one row, no padding")
     ap.add_argument("--plain-logps", action="store_true", help="full (2B, T, V) logits, not the lean path")
     ap.add_argument("--logits-chunk-size", type=int, default=None)
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of the first timed step")
     ap.add_argument("--peak-flops", type=float, default=None, help=f"for MFU; default {H100_BF16_PEAK:g} on an H100")
     return ap.parse_args(argv)
 
@@ -92,16 +99,37 @@ def write_base(size: str, root: Path) -> Path:
     return root
 
 
-def write_pairs(path: Path, n: int, vocab_size: int, prompt_len: int, completion_len: int) -> Path:
-    rng = random.Random(0)
+def make_pairs(n: int, vocab_size: int, prompt_len: int, completion_len: int, *, seed: int = 0,
+               vary: bool = False) -> list[dict[str, str]]:
+    """n pairs of random words, drawn as the TRL reference script draws them (the same rows for the same
+    arguments): a prompt of prompt_len words and two answers of completion_len; with `vary`, each prompt and
+    answer has its own length, uniform in [len // 4, len]."""
+    rng = random.Random(seed)
 
     def words(k: int) -> str:
         return " ".join(f"w{rng.randrange(4, vocab_size)}" for _ in range(k))
 
-    rows = [
-        {"prompt": words(prompt_len), "chosen": words(completion_len), "rejected": words(completion_len)}
-        for _ in range(n)
-    ]
+    def size(k: int) -> int:
+        return rng.randint(max(1, k // 4), k) if vary else k
+
+    # the draws go in the reference's order: prompt length, prompt words, chosen length, chosen words, ...
+    rows = []
+    for _ in range(n):
+        prompt = words(size(prompt_len))
+        chosen = " " + words(size(completion_len))
+        rejected = " " + words(size(completion_len))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def mean_pair_tokens(rows: list[dict[str, str]]) -> float:
+    """Mean real (unpadded) tokens of a pair: the prompt twice, the chosen and the rejected answer. The unit of
+    tokens_per_s, as the reference script counts it (without --vary: 2 * (prompt_len + completion_len))."""
+    return sum(2 * len(r["prompt"].split()) + len(r["chosen"].split()) + len(r["rejected"].split())
+               for r in rows) / len(rows)  # fmt: skip
+
+
+def write_pairs(path: Path, rows: list[dict[str, str]]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
@@ -114,6 +142,7 @@ class StepTimer(L.Callback):
 
     def __init__(self, warm: int):
         self.warm, self.start, self.end, self.timed = warm, None, None, 0
+        self.fit_start, self.train_start, self.reference_pairs = None, None, 0
 
     def _now(self) -> float:
         if torch.cuda.is_available():
@@ -126,8 +155,13 @@ class StepTimer(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        self.fit_start = self._now()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the DPO reference pass ran in between (the module's on_fit_start): its time and the pairs it filled
+        self.train_start = self._now()
+        table = getattr(pl_module, "_reference", {}).get("train")
+        self.reference_pairs = int(filled(table).sum()) if table is not None else 0
         if self.warm == 0:
             self.start = self._now()
 
@@ -139,6 +173,23 @@ class StepTimer(L.Callback):
             self.end, self.timed = self._now(), step - self.warm
 
 
+class StepProfiler(L.Callback):
+    """torch.profiler over the optimizer step after `warm`; its table (operators by self CPU time) to stdout."""
+
+    def __init__(self, warm: int, rows: int = 30):
+        self.warm, self.rows, self.profiler = warm, rows, None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step == self.warm and self.profiler is None:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.profiler is not None and trainer.global_step == self.warm + 1:
+            self.profiler.__exit__(None, None, None)
+            print(self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.rows), flush=True)
+
+
 # ---- one run -----------------------------------------------------------------------------------------------
 
 
@@ -147,6 +198,7 @@ def build_module(args: argparse.Namespace, base: Path, cache_dir: Path) -> L.Lig
         base=str(base), load_in_4bit=not args.no_4bit, lora_r=16, lora_alpha=32, lora_dropout=0.0,
         lora_target_modules="all-linear", gradient_checkpointing=not args.no_gc, learning_rate=5e-6,
         lr_scheduler="cosine", beta=0.1, lean_logps=not args.plain_logps, logits_chunk_size=args.logits_chunk_size,
+        padding_free=args.padding_free,
     )  # fmt: skip
     if args.algo == "orpo":
         return ORPO(**common)
@@ -184,8 +236,8 @@ def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
     base = work / "base"
     if not base.exists():
         write_base(args.size, base)
-    pairs = write_pairs(work / f"pairs-{completion_len}.jsonl", args.bs * (args.steps + 2), vocab,
-                        args.prompt_len, completion_len)  # fmt: skip
+    rows = make_pairs(args.bs * (args.steps + 2), vocab, args.prompt_len, completion_len, vary=args.vary)
+    pairs = write_pairs(work / f"pairs-{completion_len}.jsonl", rows)
     data = PreferenceDataModule(
         str(pairs), tokenizer=str(base), use_chat_template=False, val_fraction=0.0, batch_size=args.bs,
         max_length=args.prompt_len + completion_len + 8, max_prompt_length=None, pad_to_multiple_of=8,
@@ -197,7 +249,7 @@ def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
         accelerator="auto", devices=1, precision="bf16-mixed" if cuda else "32-true", max_steps=args.steps,
         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
-        callbacks=[timer], default_root_dir=str(work),
+        callbacks=[timer] + ([StepProfiler(args.warm)] if args.profile else []), default_root_dir=str(work),
     )  # fmt: skip
     L.seed_everything(0, verbose=False)
     started = time.perf_counter()
@@ -206,24 +258,29 @@ def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
     except torch.OutOfMemoryError:
         return dict(system="ours", algo=args.algo, size=args.size, bs=args.bs, seq=args.prompt_len + completion_len,
                     oom=True)  # fmt: skip
-    return summarize(args, completion_len, module, trainer, timer, time.perf_counter() - started)
+    total_s = time.perf_counter() - started
+    return summarize(args, completion_len, mean_pair_tokens(rows), module, trainer, timer, total_s)
 
 
-def summarize(args, completion_len, module, trainer, timer: StepTimer, total_s: float) -> dict:
+def summarize(args, completion_len, pair_tokens: float, module, trainer, timer: StepTimer, total_s: float) -> dict:
     seq = args.prompt_len + completion_len
     seconds = timer.end - timer.start
-    tokens = timer.timed * args.bs * 2 * seq  # chosen + rejected tokens (prompt included), as the reference counts
+    tokens = timer.timed * args.bs * pair_tokens  # real chosen + rejected tokens (prompt included), as the reference
     tokens_per_s = tokens / seconds
     cuda = torch.cuda.is_available()
+    reference_s = timer.train_start - timer.fit_start
     peak_flops = args.peak_flops or (H100_BF16_PEAK if cuda and "H100" in torch.cuda.get_device_name() else None)
     flops = train_flops_per_token(module, args)
     return dict(
-        system="ours", algo=args.algo, size=args.size, four_bit=not args.no_4bit, bs=args.bs, seq=seq,
+        system="ours", algo=args.algo, size=args.size, four_bit=not args.no_4bit, bs=args.bs, seq=seq, vary=args.vary,
         gradient_checkpointing=not args.no_gc, precompute_ref=args.precompute_ref, lean_logps=not args.plain_logps,
+        padding_free=args.padding_free,
         timed_steps=timer.timed, step_s=seconds / timer.timed, tokens_per_s=tokens_per_s, total_s=total_s,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         flops_per_token=flops, mfu=tokens_per_s * flops / peak_flops if peak_flops else None,
+        reference_pairs=timer.reference_pairs, reference_s=reference_s if timer.reference_pairs else None,
+        reference_pairs_per_s=timer.reference_pairs / reference_s if timer.reference_pairs else None,
         last_loss=float(trainer.callback_metrics["loss"]) if "loss" in trainer.callback_metrics else None,
     )  # fmt: skip
 

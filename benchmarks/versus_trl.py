@@ -12,6 +12,10 @@ Memory against length (`--seq-lens`): one process per system and length, 2 steps
     python benchmarks/versus_trl.py --trl-python /tmp/trlvenv/bin/python --seq-lens 512,1024,2048,4096 \\
         -- --algo orpo --size tiny-128k --bs 1 --prompt-len 128
 
+The README's table, every workload in WORKLOADS (ours padding-free), N alternated rounds each, one command:
+
+    python benchmarks/versus_trl.py --trl-python python --rounds 3 --table
+
 Flags after `--` go to both scripts (they share --algo --size --steps --warm --bs --prompt-len
 --completion-len --no-4bit --no-gc --precompute-ref); `--ours "..."` adds flags for ours only.
 """
@@ -29,6 +33,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TRL_SCRIPT = HERE.parents[1] / "shared" / "bench" / "trl_anchor.py"
+TRL_REFERENCE_PASS = HERE / "trl_reference_pass.py"  # the script above, with TRL's reference pass timed
+
+# the README's table (--table): name -> (flags for both, flags for ours only)
+SMOLLM2 = ["--size", "smollm2", "--bs", "4", "--prompt-len", "64", "--completion-len", "192", "--vary",
+           "--steps", "4", "--warm", "1"]  # fmt: skip
+TINY = ["--size", "tiny", "--bs", "4", "--prompt-len", "32", "--completion-len", "96", "--steps", "12", "--warm", "3"]
+WORKLOADS = {
+    "DPO, reference precomputed, smollm2, 64+192 varied": (["--algo", "dpo", "--precompute-ref", *SMOLLM2],
+                                                           ["--padding-free"]),
+    "ORPO, smollm2, 64+192 varied": (["--algo", "orpo", *SMOLLM2], ["--padding-free"]),
+    "DPO, reference precomputed, tiny, 32+96": (["--algo", "dpo", "--precompute-ref", *TINY], ["--padding-free"]),
+    "ORPO, tiny, 32+96": (["--algo", "orpo", *TINY], ["--padding-free"]),
+}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -39,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ap.add_argument("--trl-python", default=None, help="the python that has trl installed; none: ours only")
     ap.add_argument("--trl-script", default=str(TRL_SCRIPT))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--table", action="store_true", help="every workload of WORKLOADS; prints the README's table")
     ap.add_argument("--seq-lens", default=None, help="comma list of tokens per sequence: the memory table")
     ap.add_argument("--ours", default="", help="extra flags for bench.py only, one quoted string")
     ap.add_argument("--against-ours", default=None, help="compare with bench.py under these flags: --against-ours=...")
@@ -46,19 +64,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def run(system: str, args: argparse.Namespace, flags: list[str]) -> dict:
-    """One process; its RESULT line, parsed (the last one when it printed several)."""
+    """One process; its RESULT line, parsed (the last one when it printed several), with the REFERENCE line's
+    figures of TRL's reference pass when it printed one."""
     if system == "ours":
         command = [sys.executable, str(HERE / "bench.py"), *flags, *shlex.split(args.ours)]
     elif args.against_ours is not None:  # a lever measured against ourselves
         command = [sys.executable, str(HERE / "bench.py"), *flags, *shlex.split(args.against_ours)]
+    elif "--precompute-ref" in flags:  # the same script, its reference pass timed too
+        command = [args.trl_python, str(TRL_REFERENCE_PASS), "--trl-script", args.trl_script, *flags]
     else:
         command = [args.trl_python, args.trl_script, *flags]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
-    results = [line[len("RESULT ") :] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    lines = done.stdout.splitlines()
+    results = [line[len("RESULT ") :] for line in lines if line.startswith("RESULT ")]
     if done.returncode != 0 or not results:
         raise SystemExit(f"{system} failed ({done.returncode}): {shlex.join(command)}\n{done.stderr[-3000:]}")
-    return json.loads(results[-1])
+    result = json.loads(results[-1])
+    for line in lines:
+        if line.startswith("REFERENCE "):
+            result |= {k: v for k, v in json.loads(line[len("REFERENCE ") :]).items() if k.startswith("reference")}
+    return result
 
 
 def _systems(args: argparse.Namespace) -> list[str]:
@@ -95,8 +121,38 @@ def throughput(args: argparse.Namespace, flags: list[str]) -> dict:
         print(f"tokens/s ours/{other}: " + spread(speed))
         print(f"peak memory ours/{other}: " + spread(memory))
         summary |= {"speed_ratio": statistics.median(speed), "speed_ratio_min": min(speed),
-                    "speed_ratio_max": max(speed), "memory_ratio": statistics.median(memory)}  # fmt: skip
+                    "speed_ratio_max": max(speed), "memory_ratio": statistics.median(memory),
+                    "memory_ratio_min": min(memory), "memory_ratio_max": max(memory)}  # fmt: skip
+        reference = [o["reference_pairs_per_s"] / t["reference_pairs_per_s"] for o, t in pairs
+                     if o.get("reference_pairs_per_s") and t.get("reference_pairs_per_s")]  # fmt: skip
+        if reference:
+            print(f"reference pass pairs/s ours/{other}: " + spread(reference))
+            summary |= {"reference_ratio": statistics.median(reference), "reference_ratio_min": min(reference),
+                        "reference_ratio_max": max(reference)}  # fmt: skip
     return summary
+
+
+def table(args: argparse.Namespace) -> dict:
+    """Every workload of WORKLOADS, `args.rounds` alternated rounds each; one markdown table of the medians."""
+    rows, summaries = [], {}
+    own_flags = args.ours
+    for name, (flags, ours_only) in WORKLOADS.items():
+        print(f"== {name}", flush=True)
+        args.ours = shlex.join([*ours_only, *shlex.split(own_flags)])
+        s = summaries[name] = throughput(args, flags)
+        rows.append(f"| {name} | {s['ours_tokens_per_s']:,.1f} | {s['trl_tokens_per_s']:,.1f} | "
+                    f"{s['speed_ratio']:.2f} ({s['speed_ratio_min']:.2f}, {s['speed_ratio_max']:.2f}) | "
+                    f"{s['memory_ratio']:.2f} ({s['memory_ratio_min']:.2f}, {s['memory_ratio_max']:.2f}) |")
+        if "reference_ratio" in s:
+            rows.append(f"| {name}: the reference pass, pairs/s | | | {s['reference_ratio']:.2f} "
+                        f"({s['reference_ratio_min']:.2f}, {s['reference_ratio_max']:.2f}) | |")
+    args.ours = own_flags
+    print(f"\n{args.rounds} alternated rounds, median (min, max) of ours / TRL; OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
+    print("| workload | ours tokens/s | TRL tokens/s | tokens/s ours / TRL | peak memory ours / TRL |")
+    print("| --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    return summaries
 
 
 def memory_table(args: argparse.Namespace, flags: list[str]) -> dict:
@@ -139,7 +195,14 @@ def _drop_values(flags: list[str], names: tuple[str, ...]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args, flags = parse_args(argv)
-    summary = memory_table(args, flags) if args.seq_lens else throughput(args, flags)
+    if args.table and not args.trl_python:
+        raise SystemExit("--table compares with TRL: name its python with --trl-python")
+    if args.table:
+        summary = table(args)
+    elif args.seq_lens:
+        summary = memory_table(args, flags)
+    else:
+        summary = throughput(args, flags)
     print("SUMMARY " + json.dumps(summary))
 
 

@@ -1,9 +1,12 @@
 """benchmarks/bench.py runs the reference workload on the tiny size and prints a parseable RESULT line."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
@@ -24,3 +27,42 @@ def test_bench_prints_a_result_with_throughput_memory_and_flops():
     # 6 of them per token: forward, backward, recomputed forward (no reference forward: it is cached)
     assert result["flops_per_token"] == 6 * 139_264
     assert result["last_loss"] is not None and abs(result["last_loss"] - 0.6931) < 0.01  # ln 2 near the start
+
+
+# ---- the workload is the TRL reference script's: the same pairs, the same count of tokens ---------------------
+
+sys.path.insert(0, str(BENCH.parent))
+import bench  # noqa: E402
+
+# where versus_trl.py finds the reference script: beside the checkout, in ../shared/bench
+ANCHOR = Path(bench.__file__).resolve().parents[2] / "shared" / "bench" / "trl_anchor.py"
+
+
+def test_varied_lengths_are_uniform_between_a_quarter_and_the_whole_and_seeded():
+    rows = bench.make_pairs(200, 1024, 64, 192, vary=True)
+    prompts = [len(r["prompt"].split()) for r in rows]
+    answers = [len(r[k].split()) for r in rows for k in ("chosen", "rejected")]
+    assert min(prompts) == 16 and max(prompts) == 64 and min(answers) == 48 and max(answers) == 192
+    assert len(set(answers)) > 100  # every answer draws its own length
+    assert rows == bench.make_pairs(200, 1024, 64, 192, vary=True)
+    fixed = bench.make_pairs(3, 1024, 8, 16)
+    assert bench.mean_pair_tokens(fixed) == 2 * (8 + 16)
+
+
+def test_mean_pair_tokens_of_the_reference_rows():
+    # the figure the reference script gives for these arguments (trl_anchor.mean_pair_tokens(make_pairs(...)))
+    rows = bench.make_pairs(12, 49152, 64, 192, vary=True)
+    assert bench.mean_pair_tokens(rows) == pytest.approx(4135 / 12)
+
+
+@pytest.mark.skipif(not ANCHOR.exists(), reason="the TRL reference script is not beside this checkout")
+@pytest.mark.parametrize("vary", [False, True])
+def test_pairs_and_token_count_equal_the_reference_scripts(vary):
+    spec = importlib.util.spec_from_file_location("trl_anchor", ANCHOR)
+    anchor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(anchor)
+    theirs = anchor.make_pairs(40, 49152, 64, 192, vary=vary)
+    ours = bench.make_pairs(40, 49152, 64, 192, vary=vary)
+    assert ours == theirs.to_list()
+    assert bench.mean_pair_tokens(ours) == anchor.mean_pair_tokens(theirs)
+    assert bench.SIZES["smollm2"] == anchor.SIZES["smollm2"]

@@ -15,6 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from alignment import DPO, ORPO
+from alignment.methods import METHODS
 from alignment.model import load_base
 from alignment.usage import main
 from tests.helpers import synthetic_pairs, write_jsonl
@@ -78,7 +79,7 @@ def test_every_config_parses(config, capsys):
         main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] in ("alignment.DPO", "alignment.ORPO")
+    assert printed["model"]["class_path"] in {f"alignment.{name}" for name in METHODS}
     assert "tokenizer" not in printed["data"]  # linked from model.base, not set by hand
 
 

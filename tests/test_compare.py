@@ -5,18 +5,16 @@ import json
 import pytest
 from peft import PeftModel
 
-from alignment.compare import (
+from alignment.commands.compare import (
     Answer,
-    DecodeOptions,
-    generate_ids,
     parse_adapters,
     prompt_token_ids,
     read_prompts,
     repetition_score,
-    stop_token_ids,
     write_comparison,
 )
 from alignment.errors import ConfigError, DataError
+from alignment.generate import DecodeOptions, generate_ids, stop_token_ids
 from alignment.model import load_base, load_tokenizer
 from alignment.usage import main
 from tests.demo_runs import demo_run

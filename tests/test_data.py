@@ -16,7 +16,6 @@ import alignment.data as data_module
 from alignment.data import (
     DEMO_PAIRS,
     IGNORE_INDEX,
-    PreferenceBatch,
     PreferenceDataModule,
     TokenizedPair,
     build_pairs,
@@ -24,8 +23,9 @@ from alignment.data import (
     truncate_pair,
 )
 from alignment.encoding import render_pair, tokenize_rows
-from alignment.model import build_tiny_tokenizer, load_tokenizer
+from alignment.model import load_tokenizer
 from alignment.rows import DataError, PreferenceRow, load_rows
+from alignment.tiny import build_tiny_tokenizer
 from tests.helpers import synthetic_pairs, write_jsonl
 
 BOS, EOS, PAD = 1, 2, 3
@@ -122,7 +122,6 @@ def test_collate_input_ids_chosen_first_then_rejected_right_padded():
             [1, 42, 62, 2, 3, 3, 3, 3],
         ]
     )
-    assert isinstance(batch, PreferenceBatch)
     assert batch.input_ids.dtype == torch.long
     assert torch.equal(batch.input_ids, expected)
 
@@ -347,7 +346,6 @@ def pairs_file(tmp_path):
 def test_train_loader_yields_padded_preference_batches(pairs_file):
     module = make_module(pairs_file, batch_size=4, val_fraction=0.2)
     batch = next(iter(module.train_dataloader()))
-    assert isinstance(batch, PreferenceBatch)
     rows, width = batch.input_ids.shape
     assert rows == 8 and width % 8 == 0
     assert batch.attention_mask.shape == batch.labels.shape == (8, width)

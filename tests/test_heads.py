@@ -94,7 +94,7 @@ def test_a_head_with_a_bias_or_trained_is_not_plain():
 @pytest.fixture(scope="module")
 def granite_dir(tmp_path_factory):
     """A 2-layer Granite with random weights (logits divided by 8) and the tiny byte tokenizer, saved locally."""
-    from alignment.model import build_tiny_tokenizer
+    from alignment.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     config = transformers.GraniteConfig(**{**SMALL, "vocab_size": len(tokenizer)}, logits_scaling=8.0,

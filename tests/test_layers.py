@@ -57,7 +57,7 @@ def test_find_cycle_sees_a_circle():
 
 def test_the_package_has_no_import_circle():
     graph = import_graph()
-    assert "alignment.cli" in graph["alignment.sweep"]  # the graph sees lazy imports
+    assert "alignment.cli" in graph["alignment.commands.sweep"]  # the graph sees lazy imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -73,3 +73,34 @@ def test_the_cli_offers_the_training_verbs_the_help_describes():
     from alignment.usage import TRAINING_VERBS
 
     assert set(SUBCOMMANDS) == set(TRAINING_VERBS)
+
+
+def documented_args(cls: type) -> set[str]:
+    """Names in the `Args:` sections of the docstrings of `cls` and its bases, as --help reads them."""
+    import re
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        doc = klass.__dict__.get("__doc__") or ""
+        if "Args:" in doc:
+            names |= set(re.findall(r"^\s{8}(\w+):", doc.split("Args:", 1)[1], re.M))
+    return names
+
+
+def init_args(cls: type) -> set[str]:
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None and klass.__module__.startswith("alignment"):
+            kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            params = inspect.signature(init).parameters.values()
+            names |= {p.name for p in params if p.name != "self" and p.kind not in kinds}
+    return names
+
+
+def test_every_setting_of_every_method_and_of_the_data_has_a_help_line():
+    for cls in [getattr(alignment, name) for name in METHODS] + [alignment.PreferenceDataModule]:
+        missing = init_args(cls) - documented_args(cls)
+        assert not missing, f"{cls.__name__}: no help for {sorted(missing)}"

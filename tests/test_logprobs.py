@@ -82,7 +82,7 @@ def test_rows_are_independent():
     [((2, 5, 11), (2, 4)), ((2, 5, 11), (3, 5)), ((2, 5, 11), (2, 5, 11))],
 )
 def test_mismatched_shapes_raise(logits_shape, labels_shape):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="are not aligned"):
         sequence_logps(torch.zeros(logits_shape), torch.zeros(labels_shape, dtype=torch.long))
 
 

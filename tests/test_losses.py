@@ -135,13 +135,13 @@ def test_dpo_batch_is_elementwise():
 
 
 def test_unknown_loss_type_raises():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kto"):
         dpo_loss(*margin_inputs(), loss_type="kto")
 
 
 @pytest.mark.parametrize("label_smoothing", [0.5, 0.7, -0.1])
 def test_invalid_label_smoothing_raises(label_smoothing):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(*margin_inputs(), label_smoothing=label_smoothing)
 
 

@@ -15,8 +15,8 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from alignment.commands.merge import merge_adapter
 from alignment.errors import ConfigError
-from alignment.merge import merge_adapter
 from alignment.model import load_base, load_tokenizer
 from alignment.usage import main
 from tests.demo_runs import demo_run

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from alignment.errors import ModelLoadError
-from alignment.model import looks_like_path, resolve_base
+from alignment.hub import looks_like_path, resolve_base
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,8 @@ from alignment.cli import run_cli
 from alignment.encoding import render_pair, tokenize_rows
 from alignment.errors import ModelLoadError
 from alignment.gguf import packaged_file
-from alignment.model import load_tokenizer, resolve_base
+from alignment.hub import resolve_base
+from alignment.model import load_tokenizer
 from alignment.rows import load_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ import yaml
 from safetensors.torch import load_file
 
 from alignment.errors import RunDirError
-from alignment.model import build_tiny_model
 from alignment.resume import checkpoint_step
 from alignment.rundir import LOCK_FILE, lock_run
+from alignment.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["--config", "demo.yaml", "--trainer.enable_progress_bar", "false"]

@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from alignment.errors import ConfigError
-from alignment.sweep import (
+from alignment.commands.sweep import (
     MARKER,
     Axis,
     SweepRun,
@@ -17,6 +16,7 @@ from alignment.sweep import (
     parse_grid,
     run_name,
 )
+from alignment.errors import ConfigError
 from alignment.usage import main
 
 

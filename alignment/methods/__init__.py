@@ -7,4 +7,6 @@ package's top level and the tests read it.
 METHODS = {
     "DPO": "alignment.methods.dpo",
     "ORPO": "alignment.methods.orpo",
+    "SimPO": "alignment.methods.simpo",
+    "CPO": "alignment.methods.cpo",
 }

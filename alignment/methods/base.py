@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import lightning as L
@@ -17,13 +20,18 @@ from alignment.errors import ConfigError
 from alignment.heads import lean_disagreement, plain_head_weight
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.metrics import MeanTracker
-from alignment.model import TINY, add_lora, load_base
+from alignment.model import POLICY_ADAPTER, REFERENCE_ADAPTER, add_lora, load_base, load_lora, read_adapter
+from alignment.packing import pack_rows, packed_sequence_logps
 from alignment.resume import check_resume, rng_states, run_identity, set_rng_state
+from alignment.tiny import TINY
 
 Split = Literal["train", "validation"]
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # transformers' names
+# flag -> key in a PEFT adapter_config.json
+_ADAPTER_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                 "lora_target_modules": "target_modules"}  # fmt: skip
 REWARD_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected"]  # fmt: skip
 
@@ -37,25 +45,40 @@ class PreferenceModule(L.LightningModule):
     """Shared by every method: builds the policy (frozen base + LoRA), logs, optimizes, saves adapters only.
 
     Args:
-        base: hub name or local path of the base model; "tiny" is a random 2-layer Llama built offline.
+        base: hub name or local path of the base model, a .gguf file, or "tiny" (a random 2-layer Llama built
+            offline).
+        revision: the hub revision (branch, tag or commit) of `base`; None: the default branch.
+        adapter: a PEFT LoRA adapter directory of this base (e.g. an earlier run's adapter/) to start from; its
+            LoRA settings replace the lora_* ones, and it is DPO's reference (frozen) instead of the bare base.
         load_in_4bit: quantize the base to nf4 with double quantization (pre-quantized bases stay as they are).
         compute_dtype: dtype of the base's computation; "auto": bfloat16 on CUDA, float32 on CPU.
+        lora_r: rank of the LoRA matrices.
+        lora_alpha: LoRA scaling numerator: the update is (alpha / r) * B @ A.
+        lora_dropout: dropout on the LoRA branch's input during training.
         lora_target_modules: "all-linear" or a list of module names (e.g. [q_proj, v_proj]).
         gradient_checkpointing: recompute activations in backward (less memory, ~1/3 more compute).
+        learning_rate: peak learning rate of the adapters (after warmup).
+        weight_decay: AdamW's decoupled weight decay on the adapters.
         lr_scheduler: cosine or linear decay to 0 (or constant) after `warmup_ratio` / `warmup_steps`.
+        warmup_ratio: share of the run's optimizer steps spent warming up linearly from 0.
+        warmup_steps: warmup in optimizer steps; when > 0 it wins over `warmup_ratio`.
         optimizer: AdamW, or bitsandbytes' 8-bit AdamW (smaller optimizer state).
         beta: DPO's KL weight / ORPO's odds-ratio weight (lambda in the ORPO paper).
         lean_logps: log-probs from the final hidden states, logits only at answer tokens and a chunk at a time
             (never the (2B, T, V) logits); false: full logits, then `sequence_logps` (the plain path).
         logits_chunk_size: answer tokens whose logits exist at once on the lean path; None: about 2**25 logits.
+        padding_free: pack the batch's sequences into one row (positions restarting per sequence, attention kept
+            within each): no compute on padding; the log-probs equal the padded forward's (`alignment.packing`).
     """
 
     metric_names: list[str] = REWARD_METRICS
+    has_reference: bool = False  # a method that scores the reference model (DPO) sets it
 
     def __init__(
         self,
         base: str = TINY,
         revision: str | None = None,
+        adapter: str | None = None,
         load_in_4bit: bool = True,
         compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
         lora_r: int = 16,
@@ -72,6 +95,7 @@ class PreferenceModule(L.LightningModule):
         beta: float = 0.1,
         lean_logps: bool = True,
         logits_chunk_size: int | None = None,
+        padding_free: bool = False,
     ):
         super().__init__()
         _check(beta > 0, f"--model.beta must be > 0, got {beta}")
@@ -82,6 +106,8 @@ class PreferenceModule(L.LightningModule):
         _check(warmup_steps >= 0, f"--model.warmup_steps must be >= 0, got {warmup_steps}")
         _check(logits_chunk_size is None or logits_chunk_size > 0, "--model.logits_chunk_size must be > 0 or null")
         self.save_hyperparameters()
+        if adapter is not None:
+            self.hparams.update(_lora_of_adapter(self.hparams))
         self.policy: PeftModel | None = None
         self.strict_loading = False  # checkpoints hold the adapters, not the base
         self.train_metrics = MeanTracker(self.metric_names)
@@ -104,6 +130,10 @@ class PreferenceModule(L.LightningModule):
         base = load_base(
             hp.base, revision=hp.revision, load_in_4bit=hp.load_in_4bit, compute_dtype=_DTYPES[dtype], device=device
         )
+        if hp.adapter is not None:
+            self.policy = load_lora(base, hp.adapter, reference=self.has_reference,
+                                    gradient_checkpointing=hp.gradient_checkpointing)  # fmt: skip
+            return
         self.policy = add_lora(
             base,
             r=hp.lora_r,
@@ -121,6 +151,28 @@ class PreferenceModule(L.LightningModule):
         except RuntimeError:  # Lightning: "... is not attached to a `Trainer`."
             return False
 
+    @contextmanager
+    def reference_model(self) -> Iterator[None]:
+        """Inside, under no_grad and in eval mode (no dropout), the policy is the reference: the base with adapters
+        disabled, or the frozen copy of the starting adapter when training started from one."""
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad():
+                if self.hparams.adapter is None:
+                    with self.policy.disable_adapter():
+                        yield
+                    return
+                # peft's set_adapter makes the adapter it activates trainable unless inference_mode is set, and
+                # freezes the others: the policy's adapter is trainable again once it is set back
+                self.policy.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+                try:
+                    yield
+                finally:
+                    self.policy.set_adapter(POLICY_ADAPTER)
+        finally:
+            self.policy.train(was_training)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, T, V)
 
@@ -133,7 +185,11 @@ class PreferenceModule(L.LightningModule):
         """(chosen, rejected) log-probs of the answers under the current model, each (B,)."""
         labels = batch.labels[:, 1:]  # (2B, T-1): position t scores token t+1
         head = self._lean_head_weight(batch)
-        if head is None:
+        if self.hparams.padding_free:
+            packed = pack_rows(batch.input_ids, batch.attention_mask, batch.labels, ignore_index=IGNORE_INDEX)
+            logps = packed_sequence_logps(self.policy, packed, head_weight=head, average=average,
+                                          chunk_size=self.hparams.logits_chunk_size, ignore_index=IGNORE_INDEX)
+        elif head is None:
             logits = self(batch.input_ids, batch.attention_mask)  # (2B, T, V)
             logps = sequence_logps(logits[:, :-1], labels, average=average, ignore_index=IGNORE_INDEX)
         else:
@@ -281,6 +337,23 @@ class PreferenceModule(L.LightningModule):
                 "the checkpoint's adapters do not match this model's (another base, LoRA rank or target modules?): "
                 f"{len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}"
             )
+
+
+def _lora_of_adapter(hparams) -> dict:
+    """The lora_* settings of the adapter training starts from, as its adapter_config.json has them. A flag at its
+    default is taken as not given; one given another value is a mistake, named."""
+    config = read_adapter(hparams.adapter, hparams.base, hparams.revision)
+    defaults = inspect.signature(PreferenceModule.__init__).parameters
+    settings = {}
+    for flag, key in _ADAPTER_KEYS.items():
+        value, given = config.get(key), hparams[flag]
+        value = sorted(value) if isinstance(value, list) else value  # PEFT writes target modules as a set
+        same = sorted(given) == value if isinstance(given, list) else given == value
+        _check(same or given == defaults[flag].default,
+               f"--model.{flag} {given} conflicts with --model.adapter {hparams.adapter}, whose adapter_config.json "
+               f"has {key}: {value}; leave --model.{flag} out (the LoRA settings are the adapter's)")  # fmt: skip
+        settings[flag] = value
+    return settings
 
 
 def answer_tokens(batch: PreferenceBatch) -> tuple[Tensor, Tensor]:

@@ -9,13 +9,15 @@ import torch
 from torch import Tensor
 
 from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule
-from alignment.losses import DPOLossType, dpo_loss
-from alignment.methods.base import PreferenceModule, Split, _check, answer_tokens, reward_metrics
-from alignment.model import resolve_base
+from alignment.hub import resolve_base
+from alignment.losses import MEAN_LOGPS_LOSSES, DPOLossType, RunningMean, chosen_nll, dpo_loss, rpo_loss
+from alignment.methods.base import REWARD_METRICS, PreferenceModule, Split, _check, answer_tokens, reward_metrics
+from alignment.model import adapter_weights, read_adapter
 from alignment.reference import (
     ReferenceCache,
     ReferencePassStopped,
     Tables,
+    adapter_identity,
     filled,
     reference_tables,
     save_added_rows,
@@ -27,15 +29,23 @@ log = logging.getLogger(__name__)
 
 
 class DPO(PreferenceModule):
-    """Direct Preference Optimization (Rafailov et al. 2023); the reference is the base with adapters off.
+    """Direct Preference Optimization (Rafailov et al. 2023); the reference is the base with adapters off, or the
+    adapter training started from (`adapter`), frozen.
 
     Logged as TRL's DPOTrainer logs, for every loss_type: `logps/*` the policy's log-probs summed over tokens,
     `rewards/*` beta * (policy - reference) of those sums. IPO's loss alone takes per-token means (as TRL's), so its
     logged accuracies and margins are not the loss's: a short chosen answer can win on means and lose on sums.
+    With `rpo_alpha` > 0 it also logs `nll_loss`, the chosen answers' token-mean NLL.
 
     Args:
-        loss_type: sigmoid (DPO), hinge (SLiC), ipo (IPO, its loss on per-token mean logps) or robust (rDPO).
-        label_smoothing: assumed share of flipped labels (conservative DPO for sigmoid, rDPO for robust).
+        loss_type: a name in `alignment.losses.DPO_LOSSES`: sigmoid (DPO), hinge (SLiC), ipo (IPO, its loss on
+            per-token mean logps), robust (rDPO), bco_pair (BCO, its reward shift the running mean of the training
+            rewards, kept in the checkpoint), sppo_hard (SPPO), nca_pair (NCA), apo_zero / apo_down (APO), aot (AOT,
+            paired), exo_pair (EXO, needs label_smoothing > 0) or discopop (DiscoPOP).
+        label_smoothing: assumed share of flipped labels (conservative DPO for sigmoid and aot, rDPO for robust,
+            EXO's epsilon for exo_pair); ignored by the others.
+        rpo_alpha: weight of the chosen answers' NLL added to the loss (RPO, Pang et al. 2024); 0: none.
+        discopop_tau: DiscoPOP's temperature (0.05 in its paper).
         reference_cache: compute the reference log-probs once before training and keep them on disk for later
             runs on the same model and data (a short run computes only the pairs its steps read, a longer one adds
             the rest); false: a reference forward in every step.
@@ -43,29 +53,42 @@ class DPO(PreferenceModule):
             (`$ALIGNMENT_CACHE`, default ~/.cache/alignment).
     """
 
+    has_reference = True
+
     def __init__(
         self,
         *args,
         loss_type: DPOLossType = "sigmoid",
         label_smoothing: float = 0.0,
+        rpo_alpha: float = 0.0,
+        discopop_tau: float = 0.05,
         reference_cache: bool = True,
         reference_cache_dir: str | None = None,
         **kwargs,
     ):
         _check(0 <= label_smoothing < 0.5, f"--model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        _check(loss_type != "exo_pair" or label_smoothing > 0,
+               "--model.loss_type exo_pair needs --model.label_smoothing > 0 (the EXO paper uses 1e-3)")  # fmt: skip
+        _check(rpo_alpha >= 0, f"--model.rpo_alpha must be >= 0, got {rpo_alpha}")
+        _check(discopop_tau > 0, f"--model.discopop_tau must be > 0, got {discopop_tau}")
         super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records these too
+        self.reward_mean = RunningMean()  # bco_pair's reward shift: state for an exact resume
         self._reference: Tables = {}  # split -> (N, 4) cached reference log-probs, filled in on_fit_start
         self._reference_key: str | None = None  # the cache entry they belong to
         self._rows_added: dict[str, list[Tensor]] = {}  # split -> positions computed in the steps, to write back
+
+    @property
+    def metric_names(self) -> list[str]:  # read by the base's __init__, after save_hyperparameters()
+        return REWARD_METRICS + (["nll_loss"] if self.hparams.rpo_alpha > 0 else [])
 
     def reference_logps(
         self, batch: PreferenceBatch, *, average: bool, split: Split = "train"
     ) -> tuple[Tensor, Tensor]:
         """(chosen, rejected) log-probs under the reference: from the cache when it holds `split`, else a forward
-        with adapters disabled."""
+        of the reference model."""
         table = self._reference.get(split)
         if table is None:
-            with torch.no_grad(), self.policy.disable_adapter():
+            with self.reference_model():
                 return self.sequence_logps(batch, average=average)
         index = batch.index.cpu()
         missing = ~filled(table[index])
@@ -88,17 +111,43 @@ class DPO(PreferenceModule):
         hp = self.hparams
         policy_chosen, policy_rejected = self.sequence_logps(batch, average=False)  # sums, each (B,)
         ref_chosen, ref_rejected = self.reference_logps(batch, average=False, split=split)
+        chosen_tokens, rejected_tokens = answer_tokens(batch)
         logps = policy_chosen, policy_rejected, ref_chosen, ref_rejected
-        if hp.loss_type == "ipo":  # IPO's loss is on per-token means, as TRL's (Azar et al. 2023, eq. 17)
-            chosen_tokens, rejected_tokens = answer_tokens(batch)
+        if hp.loss_type in MEAN_LOGPS_LOSSES:  # IPO's loss is on per-token means, as TRL's (Azar et al. 2023, eq. 17)
             logps = (policy_chosen / chosen_tokens, policy_rejected / rejected_tokens,
                      ref_chosen / chosen_tokens, ref_rejected / rejected_tokens)  # fmt: skip
-        losses, _, _ = dpo_loss(*logps, beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing)
         # logged as TRL logs them, for every loss type: rewards of sums (the same as dpo_loss's but for IPO)
         chosen_rewards = hp.beta * (policy_chosen - ref_chosen).detach()
         rejected_rewards = hp.beta * (policy_rejected - ref_rejected).detach()
+        losses, _, _ = dpo_loss(
+            *logps, beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing,
+            discopop_tau=hp.discopop_tau, reward_shift=self._reward_shift(chosen_rewards, rejected_rewards, split),
+        )  # fmt: skip
         metrics = reward_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        if hp.rpo_alpha > 0:
+            nll = chosen_nll(policy_chosen, chosen_tokens)
+            losses = rpo_loss(losses, nll, hp.rpo_alpha)
+            metrics.update(loss=losses.detach(), nll_loss=nll.detach())
         return losses.mean(), metrics
+
+    def _reward_shift(self, chosen_rewards: Tensor, rejected_rewards: Tensor, split: Split) -> float:
+        """bco_pair's delta (Jung et al. 2024): the mean of every training reward so far, this batch's included, over
+        all processes; validation reads it without adding to it. 0 for the other loss types."""
+        if self.hparams.loss_type != "bco_pair":
+            return 0.0
+        if split == "train":
+            gather = self.all_gather if self._trainer is not None and self.trainer.world_size > 1 else None
+            self.reward_mean.update(torch.cat([chosen_rewards, rejected_rewards]), gather=gather)
+        return self.reward_mean.mean
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["reward_mean"] = self.reward_mean.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "reward_mean" in checkpoint:
+            self.reward_mean.load_state_dict(checkpoint["reward_mean"])
 
     def on_fit_start(self) -> None:
         self._reference, self._rows_added = {}, {}
@@ -146,7 +195,7 @@ class DPO(PreferenceModule):
     def _reference_identity(self) -> dict:
         """What, besides the token ids, changes the reference log-probs."""
         hp = self.hparams
-        return {
+        identity = {
             "weights": weights_identity(resolve_base(hp.base, hp.revision), hp.revision),
             "load_in_4bit": hp.load_in_4bit,
             "quantization": "nf4+double-quant",
@@ -154,16 +203,15 @@ class DPO(PreferenceModule):
             "device": self.device.type,
             "precision": str(self.trainer.precision),
         }
+        if hp.adapter is not None:  # the reference is that adapter: an entry of the bare base is never read
+            config = read_adapter(hp.adapter, hp.base, hp.revision)
+            identity["adapter"] = adapter_identity(adapter_weights(hp.adapter), config)
+        return identity
 
     @torch.no_grad()
     def _reference_pass(self, pairs: list, collate) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         batch = PreferenceBatch(*(t.to(self.device) for t in collate(pairs)))
-        was_training = self.policy.training
-        self.policy.eval()  # no dropout either way; eval skips the checkpointing wrappers
-        try:
-            with self.trainer.precision_plugin.forward_context(), self.policy.disable_adapter():
-                chosen, rejected = self.sequence_logps(batch, average=False)
-        finally:
-            self.policy.train(was_training)
+        with self.trainer.precision_plugin.forward_context(), self.reference_model():  # eval: no dropout
+            chosen, rejected = self.sequence_logps(batch, average=False)
         chosen_tokens, rejected_tokens = (batch.labels != IGNORE_INDEX).sum(-1).chunk(2)
         return chosen, rejected, chosen_tokens, rejected_tokens

@@ -32,13 +32,13 @@ def _check_out(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace, extra: list[str]) -> None:
-    from alignment.report import write_report
+    from alignment.commands.report import write_report
 
     write_report(args.runs, args.out)
 
 
 def _compare(args: argparse.Namespace, extra: list[str]) -> None:
-    from alignment.compare import DecodeOptions, run_compare
+    from alignment.commands.compare import DecodeOptions, run_compare
 
     decode = DecodeOptions(
         max_new_tokens=args.max_new_tokens,
@@ -64,13 +64,13 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> None:
-    from alignment.sweep import run_sweep
+    from alignment.commands.sweep import run_sweep
 
     run_sweep(args.config, args.grid, fit_args=extra, out=args.out)
 
 
 def _merge(args: argparse.Namespace, extra: list[str]) -> None:
-    from alignment.merge import merge_adapter
+    from alignment.commands.merge import merge_adapter
 
     merge_adapter(args.run, args.out, dtype=args.dtype, base=args.base, revision=args.revision)
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from alignment.commands.report import read_curves
+from alignment.commands.tables import markdown_table, write_csv
 from alignment.errors import ConfigError, DataError
-from alignment.report import read_curves
 from alignment.rundir import ADAPTER_FILE, RunDir
-from alignment.tables import markdown_table, write_csv
 
 log = logging.getLogger(__name__)
 

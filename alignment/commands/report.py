@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from alignment.commands.tables import markdown_table
 from alignment.errors import DataError
 from alignment.rundir import RunDir, open_run
-from alignment.tables import markdown_table
 
 log = logging.getLogger(__name__)
 

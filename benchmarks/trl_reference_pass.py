@@ -1,0 +1,58 @@
+"""The TRL reference script with the time of TRL's reference pass (`precompute_ref_log_probs`) measured.
+
+TRL's DPOTrainer computes the reference log-probs of the whole training set in its constructor, which the reference
+script does not time. This runs the script unchanged, with `DPOTrainer._precompute_ref_logps` wrapped in a timer,
+and prints one more line, `REFERENCE {json}`: the pairs it computed and the seconds it took. Same flags as the
+script (pass --algo dpo --precompute-ref); `--trl-script` names it when it is not in ../shared/bench:
+
+    python benchmarks/trl_reference_pass.py --algo dpo --precompute-ref --size smollm2 --steps 3 --warm 1 --bs 4 \\
+        --prompt-len 64 --completion-len 192 --vary
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+TRL_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "bench" / "trl_anchor.py"
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location("trl_anchor", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed_precompute(precompute):
+    def wrapper(self, dataset, name, batch_size):
+        started = time.perf_counter()
+        out = precompute(self, dataset, name, batch_size)
+        seconds = time.perf_counter() - started
+        result = {"system": "trl", "split": name, "reference_pairs": len(dataset), "reference_s": seconds,
+                  "reference_pairs_per_s": len(dataset) / seconds}  # fmt: skip
+        print("REFERENCE " + json.dumps(result), flush=True)
+        return out
+
+    return wrapper
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    script = TRL_SCRIPT
+    if "--trl-script" in argv:
+        at = argv.index("--trl-script")
+        script, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2 :]
+    anchor = load_script(script)
+    from trl import DPOTrainer
+
+    DPOTrainer._precompute_ref_logps = timed_precompute(DPOTrainer._precompute_ref_logps)
+    sys.argv = [str(script), *argv]
+    anchor.main()
+
+
+if __name__ == "__main__":
+    main()

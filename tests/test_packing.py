@@ -1,0 +1,180 @@
+"""Padding-free forwards (alignment/packing.py) against the padded batch they come from.
+
+Tolerances: fp32 on CPU; the packed and padded forwards differ only in the order of float sums (attention over a
+block-diagonal mask instead of a padded one), so per-sequence log-probs, losses, metrics and LoRA gradients agree
+to 1e-5 relative and 1e-5 absolute (gradients: 1e-4 absolute, sums over every position of the batch).
+"""
+
+import inspect
+
+import pytest
+import torch
+
+import alignment
+from alignment.data import IGNORE_INDEX, TokenizedPair, collate_pairs
+from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
+from alignment.methods import METHODS
+from alignment.model import add_lora, load_base
+from alignment.packing import (
+    PACKED_ATTENTION,
+    pack_rows,
+    packed_sequence_logps,
+    sum_per_row,
+    use_packed_attention,
+)
+from tests.helpers import literal_batch
+
+TIGHT = {"rtol": 1e-5, "atol": 1e-5}
+GRADS = {"rtol": 1e-5, "atol": 1e-4}
+
+
+def test_pack_rows_keeps_real_tokens_restarts_positions_and_scores_the_next_answer_token():
+    batch = literal_batch()  # rows: chosen 0, chosen 1, rejected 0, rejected 1; width 8
+    packed = pack_rows(batch.input_ids, batch.attention_mask, batch.labels)
+    i = IGNORE_INDEX
+    assert packed.input_ids.tolist() == [[1, 40, 41, 42, 50, 51, 2, 1, 43, 44, 52, 2,
+                                          1, 40, 41, 42, 60, 61, 62, 2, 1, 43, 44, 63, 64, 65, 66, 2]]  # fmt: skip
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4,
+                                             0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7]]  # fmt: skip
+    # position t scores the row's token t+1 when that one is an answer token; a row's last token scores nothing
+    assert packed.targets.tolist() == [i, i, i, 50, 51, 2, i, i, i, 52, 2, i,
+                                       i, i, i, 60, 61, 62, 2, i, i, i, 63, 64, 65, 66, 2, i]  # fmt: skip
+    assert packed.rows.tolist() == [0] * 7 + [1] * 5 + [2] * 8 + [3] * 8
+    assert packed.num_rows == 4 and packed.offsets.tolist() == [0, 7, 12, 20, 28] and packed.max_length == 8
+
+
+def test_a_full_width_row_and_left_padding_pack_the_same_tokens():
+    pairs = [TokenizedPair([1, 40], [50, 51, 2], [60, 2], 0)]
+    right = collate_pairs(pairs, pad_id=3)  # width 5: the chosen row is full, nothing after its last token
+    packed = pack_rows(right.input_ids, right.attention_mask, right.labels)
+    assert packed.targets.tolist() == [IGNORE_INDEX, 50, 51, 2, IGNORE_INDEX, IGNORE_INDEX, 60, 2, IGNORE_INDEX]
+    i = IGNORE_INDEX
+    left_ids = torch.tensor([[1, 40, 50, 51, 2], [3, 1, 40, 60, 2]])  # the rejected row padded on the left
+    left_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    left_labels = torch.tensor([[i, i, 50, 51, 2], [i, i, i, 60, 2]])
+    packed_left = pack_rows(left_ids, left_mask, left_labels)
+    for name in ("input_ids", "position_ids", "targets", "rows"):
+        assert torch.equal(getattr(packed_left, name), getattr(packed, name)), name
+
+
+def test_sum_per_row_sums_and_means_over_scored_tokens():
+    batch = literal_batch()
+    packed = pack_rows(batch.input_ids, batch.attention_mask, batch.labels)
+    values = torch.arange(packed.targets.numel(), dtype=torch.float32) * (packed.targets != IGNORE_INDEX)
+    # scored positions: row 0 -> 3, 4, 5; row 1 -> 9, 10; row 2 -> 15..18; row 3 -> 22..26
+    assert sum_per_row(values, packed, average=False).tolist() == [12.0, 19.0, 66.0, 120.0]
+    assert sum_per_row(values, packed, average=True).tolist() == [4.0, 9.5, 16.5, 24.0]
+
+
+# ---- one tiny 4-bit policy with LoRA: packed forwards against padded ones ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    model = add_lora(load_base("tiny", load_in_4bit=True), gradient_checkpointing=True)
+    generator = torch.Generator().manual_seed(1)
+    for name, param in sorted(model.named_parameters()):
+        if "lora_B" in name:  # nonzero, so that the adapters change the outputs
+            torch.nn.init.normal_(param, std=0.05, generator=generator)
+    return model
+
+
+def decoder_hidden(policy, **inputs):
+    return policy.get_base_model().get_decoder()(**inputs, use_cache=False).last_hidden_state
+
+
+@pytest.mark.parametrize("attention", ["packed_sdpa", "transformers' block mask"])
+def test_no_token_attends_across_a_sequence_boundary(policy, attention):
+    batch = literal_batch()
+    packed = pack_rows(batch.input_ids, batch.attention_mask, batch.labels)
+    if attention == "packed_sdpa":
+        use_packed_attention(policy)
+        assert policy.get_base_model().config._attn_implementation == PACKED_ATTENTION
+        inputs = packed.attention_kwargs()  # the offsets: each sequence attended on its own
+    else:
+        inputs = {"position_ids": packed.position_ids}  # transformers reads the boundaries from the positions
+    with torch.no_grad():
+        hidden = decoder_hidden(policy, input_ids=packed.input_ids, **inputs)[0]  # (N, H)
+        changed_ids = packed.input_ids.clone()
+        changed_ids[0, 1:7] = torch.tensor([70, 71, 72, 73, 74, 75])  # the first sequence, all but its BOS
+        changed = decoder_hidden(policy, input_ids=changed_ids, **inputs)[0]
+        alone = [decoder_hidden(policy, input_ids=packed.input_ids[:, packed.rows == r])[0] for r in range(4)]
+    later = packed.rows > 0
+    assert (hidden[1:7] - changed[1:7]).abs().max() > 1e-3  # the check sees a change where there is one
+    torch.testing.assert_close(changed[later], hidden[later], rtol=0, atol=0)  # and none after the boundary
+    for r in range(4):  # each sequence as if it were alone in the batch
+        torch.testing.assert_close(hidden[packed.rows == r], alone[r], **TIGHT)
+
+
+def padded_logps(policy, batch, head, average):
+    labels = batch.labels[:, 1:]
+    if head is None:
+        logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return sequence_logps(logits[:, :-1], labels, average=average)
+    hidden = decoder_hidden(policy, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return sequence_logps_from_hidden(hidden[:, :-1], head, labels, average=average, chunk_size=5)
+
+
+def lora_grads(policy, logps):
+    policy.zero_grad()
+    (logps * torch.tensor([0.3, -1.2, 0.7, 2.0])).sum().backward()  # any per-sequence gradient, as a loss sends
+    return {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lean", [True, False])
+@pytest.mark.parametrize("average", [False, True])
+def test_logps_and_lora_gradients_equal_the_padded_forwards(policy, lean, average):
+    batch = literal_batch()
+    head = policy.get_base_model().get_output_embeddings().weight if lean else None
+    padded = padded_logps(policy, batch, head, average)
+    padded_grads = lora_grads(policy, padded)
+    packed = packed_sequence_logps(policy, pack_rows(batch.input_ids, batch.attention_mask, batch.labels),
+                                   head_weight=head, average=average, chunk_size=5)  # fmt: skip
+    packed_grads = lora_grads(policy, packed)
+    torch.testing.assert_close(packed, padded, **TIGHT)
+    assert padded_grads.keys() == packed_grads.keys() and len(packed_grads) > 0
+    assert all(g.abs().sum() > 0 for g in packed_grads.values())
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], **GRADS, msg=name)
+
+
+# ---- every method's module: --model.padding_free true against false ---------------------------------------------
+
+METHOD_CASES = [(name, {}) for name in METHODS] + [("DPO", {"loss_type": "ipo"}), ("DPO", {"loss_type": "hinge"}),
+                                                   ("ORPO", {"lean_logps": False})]  # fmt: skip
+
+
+def seeded_module(name: str, **kwargs):
+    """A method's module on the tiny 4-bit base, LoRA B made nonzero so that policy and reference differ."""
+    cls = getattr(alignment, name)
+    if "reference_cache" in inspect.signature(cls.__init__).parameters:
+        kwargs = {"reference_cache": False, **kwargs}  # the reference forward runs in the step, packed as well
+    torch.manual_seed(0)
+    module = cls(gradient_checkpointing=True, **kwargs)
+    module.configure_model()
+    generator = torch.Generator().manual_seed(1)
+    for param_name, param in sorted(module.policy.named_parameters()):
+        if "lora_B" in param_name:
+            torch.nn.init.normal_(param, std=0.05, generator=generator)
+    return module
+
+
+@pytest.mark.parametrize(("name", "kwargs"), METHOD_CASES, ids=[f"{n}-{k}" for n, k in METHOD_CASES])
+def test_module_losses_metrics_and_lora_gradients_equal_the_padded_ones(name, kwargs):
+    results = []
+    for padding_free in (False, True):
+        module = seeded_module(name, padding_free=padding_free, **kwargs)
+        loss, metrics = module.compute_loss(literal_batch())
+        loss.backward()
+        grads = {n: p.grad for n, p in module.policy.named_parameters() if p.requires_grad}
+        results.append((loss, metrics, grads))
+    (padded_loss, padded_metrics, padded_grads), (packed_loss, packed_metrics, packed_grads) = results
+    torch.testing.assert_close(packed_loss, padded_loss, **TIGHT)
+    assert packed_metrics.keys() == padded_metrics.keys()
+    for metric in padded_metrics:
+        torch.testing.assert_close(packed_metrics[metric], padded_metrics[metric], **TIGHT, msg=metric)
+    assert packed_grads.keys() == padded_grads.keys()
+    for param_name, grad in padded_grads.items():
+        assert grad.abs().sum() > 0, param_name
+        torch.testing.assert_close(packed_grads[param_name], grad, **GRADS, msg=param_name)
