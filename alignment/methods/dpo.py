@@ -136,7 +136,7 @@ class DPO(PreferenceModule):
         if self.hparams.loss_type != "bco_pair":
             return 0.0
         if split == "train":
-            gather = self.all_gather if self._trainer is not None and self.trainer.world_size > 1 else None
+            gather = self.all_gather if self.attached and self.trainer.world_size > 1 else None
             self.reward_mean.update(torch.cat([chosen_rewards, rejected_rewards]), gather=gather)
         return self.reward_mean.mean
 
