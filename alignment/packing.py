@@ -56,6 +56,7 @@ AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # padded batches: 
 def use_packed_attention(model: torch.nn.Module) -> None:
     """Switch a model on transformers' `sdpa` to `packed_sdpa` (the same attention unless given offsets)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # private API, checked on transformers 5.23: no public getter of the attention a model runs (its docs read this)
     if base.config._attn_implementation == "sdpa":
         base.set_attn_implementation(PACKED_ATTENTION)
 
