@@ -10,7 +10,12 @@ from pathlib import Path
 
 import lightning as L
 
+import alignment
 from alignment.data import TokenizedPair, collate_pairs
+from alignment.methods import METHODS
+
+ALL_METHODS = [getattr(alignment, name) for name in METHODS]  # the one list of methods the tests go through
+PAIR_METHODS = [cls for cls in ALL_METHODS if cls.data_kind == "pairs"]  # those that train on preference pairs
 
 
 def literal_batch(pad_id: int = 3):

@@ -95,13 +95,15 @@ def test_two_process_run_stopped_by_a_signal_to_one_process_resumes_bit_exact(tm
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "knobs"),
-    [("demo_simpo.yaml", []), ("demo_cpo.yaml", []), ("demo_dpo.yaml", ["--model.loss_type", "bco_pair"])],
-    ids=["SimPO", "CPO", "DPO-bco_pair"],  # bco_pair: its reward shift is a running mean gathered across processes
+    [("demo_simpo.yaml", []), ("demo_cpo.yaml", []), ("demo_dpo.yaml", ["--model.loss_type", "bco_pair"]),
+     ("demo_kto.yaml", []), ("demo_sft.yaml", [])],  # fmt: skip
+    # bco_pair: its reward shift is a running mean gathered across processes; KTO: its KL estimate, averaged
+    ids=["SimPO", "CPO", "DPO-bco_pair", "KTO", "SFT"],
 )
 def test_two_process_resume_is_bit_exact_for_every_method(config, knobs, tmp_path):
     common = ["--config", config, *knobs, "--trainer.max_steps", "8", "--trainer.devices", "2", "--trainer.strategy",
               "ddp", "--model.lora_dropout", "0.1", "--trainer.val_check_interval", "4"]  # fmt: skip
-    if config == "demo_dpo.yaml":
+    if config in ("demo_dpo.yaml", "demo_kto.yaml"):
         common += ["--model.reference_cache_dir", str(tmp_path / "cache")]
     fit_cli(tmp_path / "whole", *common)
     stopped = fit_cli(tmp_path / "run", *common, "--trainer.callbacks+=tests.helpers.SignalAtStep",

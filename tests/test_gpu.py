@@ -6,12 +6,12 @@ import lightning as L
 import pytest
 import torch
 
-from alignment import DPO, ORPO, PreferenceDataModule
-from tests.helpers import synthetic_pairs, write_jsonl
+from alignment import PreferenceDataModule
+from tests.helpers import ALL_METHODS, synthetic_pairs, write_jsonl
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cls", [DPO, ORPO])
+@pytest.mark.parametrize("cls", ALL_METHODS)
 def test_4bit_bf16_mixed_steps_on_cuda(tmp_path, cls):
     data = PreferenceDataModule(
         str(write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(48, seed=0))), max_length=64, batch_size=4

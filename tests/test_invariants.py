@@ -7,7 +7,7 @@ import torch
 
 from alignment import DPO, ORPO
 from alignment.model import load_base
-from tests.helpers import literal_batch
+from tests.helpers import PAIR_METHODS, literal_batch
 
 
 def build(cls, **kwargs):
@@ -47,7 +47,7 @@ def test_dpo_loss_is_ln2_and_rewards_zero_at_step_0(loss_type, load_in_4bit):
     assert torch.all(metrics["logps/chosen"] < -1)  # real log-probs, not zeros
 
 
-@pytest.mark.parametrize("cls", [DPO, ORPO])
+@pytest.mark.parametrize("cls", PAIR_METHODS)
 def test_one_optimizer_step_moves_every_adapter_and_no_base_weight(cls):
     module = build(cls, lora_dropout=0.1)
     with torch.no_grad():  # LoRA B starts at zero, which gives A no gradient; start from a trained-like state
@@ -141,7 +141,7 @@ def _perturbed(cls, **kwargs):
     return module
 
 
-@pytest.mark.parametrize("cls", [DPO, ORPO])
+@pytest.mark.parametrize("cls", PAIR_METHODS)
 def test_gradient_accumulation_of_single_pairs_equals_one_batch(cls):
     from alignment.data import TokenizedPair, collate_pairs
 

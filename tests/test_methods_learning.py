@@ -6,16 +6,14 @@ import pytest
 import torch
 import yaml
 
-from alignment import CPO, DPO, PreferenceDataModule, SimPO
+from alignment import DPO, PreferenceDataModule
 from alignment.usage import main
 from tests.helpers import SignalAtStep, synthetic_pairs, write_jsonl
 from tests.test_cli import run_cli
 from tests.test_ddp import fit_cli
 from tests.test_resume import assert_same_adapters, run
 
-LEARNERS = [  # (method, its knobs)
-    (SimPO, {}),
-    (CPO, {}),
+LEARNERS = [  # (method, its knobs): DPO's other loss types (every pair method learns in tests/test_learning.py)
     (DPO, {"loss_type": "bco_pair"}),
     (DPO, {"loss_type": "apo_zero"}),
     (DPO, {"loss_type": "sigmoid", "rpo_alpha": 1.0}),
@@ -52,7 +50,7 @@ def pairs(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", synthetic_pairs(18, seed=0))
 
 
-@pytest.mark.parametrize(("cls", "knobs"), [(SimPO, {}), (DPO, {"loss_type": "bco_pair"})], ids=["SimPO", "bco_pair"])
+@pytest.mark.parametrize(("cls", "knobs"), [(DPO, {"loss_type": "bco_pair"})], ids=["bco_pair"])  # others: test_resume
 def test_signal_and_resume_is_bit_exact(cls, knobs, pairs, tmp_path):
     _, uninterrupted = run(cls, pairs, tmp_path / "whole", max_steps=7, **knobs)
     stopped, _ = run(cls, pairs, tmp_path / "split", max_steps=7, extra_callbacks=[SignalAtStep(3)], **knobs)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from alignment import DPO, ORPO, PreferenceDataModule
+from alignment import DPO, PreferenceDataModule
 from alignment.logprobs import sequence_logps
 from alignment.losses import dpo_loss
-from tests.helpers import literal_batch, synthetic_pairs, write_jsonl
+from tests.helpers import PAIR_METHODS, literal_batch, synthetic_pairs, write_jsonl
 
 
 class Recording(DPO):
@@ -33,7 +33,7 @@ def data(tmp_path, n_train: int, n_val: int, batch_size: int) -> PreferenceDataM
     return PreferenceDataModule(str(train), val_path=str(val), max_length=64, batch_size=batch_size)
 
 
-@pytest.mark.parametrize("cls", [DPO, ORPO])
+@pytest.mark.parametrize("cls", PAIR_METHODS)
 def test_validation_metrics_are_means_over_pairs_not_batches(tmp_path, cls):
     datamodule = data(tmp_path, 8, 5, batch_size=2)  # validation batches of 2, 2 and 1 pairs
     module = cls(base="tiny", load_in_4bit=False)

@@ -15,7 +15,7 @@ from alignment.callbacks import RunCheckpoint
 from alignment.errors import ConfigError
 from alignment.methods import METHODS
 from alignment.resume import AtomicCheckpointIO
-from tests.helpers import CrashAtStep, SignalAtStep, synthetic_pairs, write_jsonl
+from tests.helpers import PAIR_METHODS, CrashAtStep, SignalAtStep, synthetic_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def assert_same_adapters(resumed, uninterrupted):
         assert torch.equal(resumed[name], value), name
 
 
-@pytest.mark.parametrize("cls", [DPO, ORPO])
+@pytest.mark.parametrize("cls", PAIR_METHODS)
 def test_signal_stops_at_the_step_and_resume_is_bit_exact(cls, pairs, tmp_path):
     _, uninterrupted = run(cls, pairs, tmp_path / "whole", max_steps=7)
     stopped, _ = run(cls, pairs, tmp_path / "split", max_steps=7, extra_callbacks=[SignalAtStep(3)])

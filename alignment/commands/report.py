@@ -21,7 +21,8 @@ OVERVIEW = "curves.png"
 # summed log-probs (Rafailov et al. 2023, sec. 5), its loss the chosen loss type's; ORPO's and SimPO's beta * the
 # policy's mean log-prob, CPO's beta * its summed log-prob. ORPO's loss holds the chosen answer's NLL (Hong et al.
 # 2024, eq. 6), CPO's too (Xu et al. 2024), so they sit far above DPO's (ln 2 at the start); SimPO's is
-# -log sigmoid(margin - gamma) (Meng et al. 2024, eq. 6), plus the NLL when cpo_alpha > 0
+# -log sigmoid(margin - gamma) (Meng et al. 2024, eq. 6), plus the NLL when cpo_alpha > 0; KTO's is lambda times
+# 1 - sigmoid(beta * log-ratio - z_0) for desirable answers (Ethayarajh et al. 2024, eq. 8); SFT logs no rewards
 AXIS_LABELS = {
     "DPO": {"loss": "DPO loss", "rewards/chosen": "β·(log π − log π_ref), summed",
             "rewards/rejected": "β·(log π − log π_ref), summed", "rewards/margins": "chosen − rejected reward"},
@@ -31,6 +32,11 @@ AXIS_LABELS = {
               "rewards/rejected": "β·mean log π", "rewards/margins": "chosen − rejected reward"},
     "CPO": {"loss": "−log σ(margin) + α·NLL", "rewards/chosen": "β·log π, summed",
             "rewards/rejected": "β·log π, summed", "rewards/margins": "chosen − rejected reward"},
+    "KTO": {"loss": "λ·(1 − σ(β·log-ratio − z₀))", "rewards/chosen": "β·(log π − log π_ref), desirable",
+            "rewards/rejected": "β·(log π − log π_ref), undesirable",
+            "rewards/margins": "desirable − undesirable reward",
+            "rewards/accuracies": "share on their label's side of z₀"},
+    "SFT": {"loss": "NLL per answer token"},
 }  # fmt: skip
 GENERIC_LABELS = {"loss": "loss", "rewards/chosen": "reward", "rewards/rejected": "reward",
                   "rewards/margins": "reward margin",
@@ -124,6 +130,8 @@ def _draw(ax, curves: list[Curves], metric: str, colors: list[int] | None = None
             ax.plot(values.index, values.to_numpy(), color=color, linestyle="none", marker="o",
                     markersize=6, markeredgecolor="black", label=f"{run.label} val")  # fmt: skip
     method = methods.pop() if len(methods) == 1 else ""
+    if not ax.has_data():  # e.g. SFT, which has no rewards
+        ax.text(0.5, 0.5, f"not logged by {method or 'these runs'}", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"{metric} ({method})" if method else metric)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(axis_label(method, metric))

@@ -36,7 +36,10 @@ from alignment.rundir import ADAPTER_FILE, RunDir
 log = logging.getLogger(__name__)
 
 MARKER = "sweep.json"
-TABLE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "loss")
+# blank where a method logs no such metric (SFT: no rewards; the others: no token accuracy)
+TABLE_METRICS = (
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "loss", "mean_token_accuracy"
+)  # fmt: skip
 RESERVED = ("trainer.default_root_dir", "ckpt_path")  # the sweep sets these itself
 
 
