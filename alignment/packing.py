@@ -41,7 +41,11 @@ def packed_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     bounds = offsets.tolist()
     outputs = [
         torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout, scale=scaling,
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            dropout_p=dropout,
+            scale=scaling,
             is_causal=True,
         )  # fmt: skip
         for start, end in zip(bounds[:-1], bounds[1:], strict=True)

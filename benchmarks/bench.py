@@ -103,8 +103,9 @@ def write_base(size: str, root: Path) -> Path:
     return root
 
 
-def make_pairs(n: int, vocab_size: int, prompt_len: int, completion_len: int, *, seed: int = 0,
-               vary: bool = False) -> list[dict[str, str]]:
+def make_pairs(
+    n: int, vocab_size: int, prompt_len: int, completion_len: int, *, seed: int = 0, vary: bool = False
+) -> list[dict[str, str]]:
     """n pairs of random words, drawn as the TRL reference script draws them (the same rows for the same
     arguments): a prompt of prompt_len words and two answers of completion_len; with `vary`, each prompt and
     answer has its own length, uniform in [len // 4, len]."""

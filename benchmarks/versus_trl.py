@@ -158,17 +158,24 @@ def table(args: argparse.Namespace) -> dict:
         print(f"== {name}", flush=True)
         args.ours = shlex.join([*ours_only, *shlex.split(own_flags)])
         s = summaries[name] = throughput(args, flags)
-        rows.append(f"| {name} | {s['ours_tokens_per_s']:,.1f} | {s['trl_tokens_per_s']:,.1f} | "
-                    f"{s['speed_ratio']:.2f} ({s['speed_ratio_min']:.2f}, {s['speed_ratio_max']:.2f}) | "
-                    f"{s['memory_ratio']:.2f} ({s['memory_ratio_min']:.2f}, {s['memory_ratio_max']:.2f}) |")
+        rows.append(
+            f"| {name} | {s['ours_tokens_per_s']:,.1f} | {s['trl_tokens_per_s']:,.1f} | "
+            f"{s['speed_ratio']:.2f} ({s['speed_ratio_min']:.2f}, {s['speed_ratio_max']:.2f}) | "
+            f"{s['memory_ratio']:.2f} ({s['memory_ratio_min']:.2f}, {s['memory_ratio_max']:.2f}) |"
+        )
         if "reference_ratio" in s:
-            rows.append(f"| {name}: the reference pass, pairs/s | | | {s['reference_ratio']:.2f} "
-                        f"({s['reference_ratio_min']:.2f}, {s['reference_ratio_max']:.2f}) | |")
+            rows.append(
+                f"| {name}: the reference pass, pairs/s | | | {s['reference_ratio']:.2f} "
+                f"({s['reference_ratio_min']:.2f}, {s['reference_ratio_max']:.2f}) | |"
+            )
     args.ours = own_flags
     threads = {name: os.environ.get(name, default) for name, default in
                (("OMP_NUM_THREADS", "unset"), ("OMP_WAIT_POLICY", "PASSIVE"))}  # fmt: skip
-    print(f"\n{args.rounds} alternated rounds, median (min, max) of ours / TRL; {machine()}, "
-          + ", ".join(f"{k}={v}" for k, v in threads.items()) + "\n")
+    print(
+        f"\n{args.rounds} alternated rounds, median (min, max) of ours / TRL; {machine()}, "
+        + ", ".join(f"{k}={v}" for k, v in threads.items())
+        + "\n"
+    )
     print("| workload | ours tokens/s | TRL tokens/s | tokens/s ours / TRL | peak memory ours / TRL |")
     print("| --- | --- | --- | --- | --- |")
     print("\n".join(rows))

@@ -236,5 +236,7 @@ def test_lightnings_distributed_sampler_is_refused_in_one_line_under_ddp(tmp_pat
                      "--trainer.use_distributed_sampler", "true")  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: --trainer.use_distributed_sampler true: the data module shards") and "Traceback" \
-        not in result.stderr
+    assert (
+        last.startswith("error: --trainer.use_distributed_sampler true: the data module shards")
+        and "Traceback" not in result.stderr
+    )

@@ -95,8 +95,13 @@ def test_two_process_run_stopped_by_a_signal_to_one_process_resumes_bit_exact(tm
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "knobs"),
-    [("demo_simpo.yaml", []), ("demo_cpo.yaml", []), ("demo_dpo.yaml", ["--model.loss_type", "bco_pair"]),
-     ("demo_kto.yaml", []), ("demo_sft.yaml", [])],  # fmt: skip
+    [
+        ("demo_simpo.yaml", []),
+        ("demo_cpo.yaml", []),
+        ("demo_dpo.yaml", ["--model.loss_type", "bco_pair"]),
+        ("demo_kto.yaml", []),
+        ("demo_sft.yaml", []),
+    ],  # fmt: skip
     # bco_pair: its reward shift is a running mean gathered across processes; KTO: its KL estimate, averaged
     ids=["SimPO", "CPO", "DPO-bco_pair", "KTO", "SFT"],
 )

@@ -120,7 +120,7 @@ def test_every_marked_exception_is_pinned_in_pyproject():
         assert requirement and "<" in requirement.group(2), f"{package}: no upper version bound in pyproject.toml"
 
 
-SLIPS = '''
+SLIPS = """
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.overrides.distributed import _IndexBatchSamplerWrapper
 from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
@@ -144,7 +144,7 @@ class Marked(ModelCheckpoint):
     # private API, checked on lightning 2.6: no public hook around the write
     def _save_checkpoint(self, trainer, filepath):
         pass
-'''
+"""
 
 
 def test_the_check_finds_each_kind_of_private_use(tmp_path, monkeypatch):

@@ -151,4 +151,3 @@ def test_report_over_a_glob_skips_what_is_not_a_run(tmp_path, capsys, caplog):
         main(["report", str(runs / "report"), str(runs / "notes.txt")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "none of" in err and "metrics.csv" in err
-
