@@ -217,12 +217,8 @@ def test_cpo_by_hand():
 # --- against TRL 1.16 ------------------------------------------------------------------------------------------------
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # the CPO trainer lives in trl.experimental
-try:  # TRL is an optional extra ("bench"); the checks by hand above run without it
-    from trl.experimental.cpo import cpo_trainer as trl_cpo
-    from trl.trainer import dpo_trainer as trl_dpo
-except ImportError:
-    trl_dpo = trl_cpo = None
-needs_trl = pytest.mark.skipif(trl_dpo is None, reason="TRL 1.16 is not installed (pip install -e '.[bench]')")
+from trl.experimental.cpo import cpo_trainer as trl_cpo  # noqa: E402  (TRL 1.16: the oracle, in the dev extra)
+from trl.trainer import dpo_trainer as trl_dpo  # noqa: E402
 
 # three pairs; answer lengths chosen 2, 3, 1 and rejected 4, 2, 3 tokens (the per-token means differ from sums)
 POLICY_CHOSEN = t(-3.0, -4.5, -0.7)
@@ -285,12 +281,10 @@ TRL_CASES = [  # (loss_type, beta, label_smoothing); TRL 1.16's sigmoid has no l
 ]  # fmt: skip
 
 
-@needs_trl
 def test_every_loss_type_is_checked_against_trl():
     assert {case[0] for case in TRL_CASES} == set(DPO_LOSSES)
 
 
-@needs_trl
 @pytest.mark.parametrize(("loss_type", "beta", "label_smoothing"), TRL_CASES)
 def test_dpo_loss_types_match_trl(loss_type, beta, label_smoothing):
     trl_value, _ = trl_dpo_loss([loss_type], beta=beta, label_smoothing=label_smoothing)
@@ -298,14 +292,12 @@ def test_dpo_loss_types_match_trl(loss_type, beta, label_smoothing):
     assert losses.mean().item() == pytest.approx(trl_value, rel=1e-6, abs=1e-7)
 
 
-@needs_trl
 def test_discopop_temperature_matches_trl():
     trl_value, _ = trl_dpo_loss(["discopop"], beta=1.0, discopop_tau=0.5)
     losses, _, _ = ours("discopop", beta=1.0, discopop_tau=0.5)
     assert losses.mean().item() == pytest.approx(trl_value, rel=1e-6)
 
 
-@needs_trl
 @pytest.mark.parametrize("loss_type", sorted(set(DPO_LOSSES) - MEAN_LOGPS_LOSSES))
 def test_rewards_match_what_trl_logs(loss_type):
     # TRL logs beta * summed log-ratios for every loss type; so do ours on sums
@@ -318,7 +310,6 @@ def test_rewards_match_what_trl_logs(loss_type):
     assert (chosen_rewards - rejected_rewards).mean().item() == pytest.approx(metrics["rewards/margins"], rel=1e-6)
 
 
-@needs_trl
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_zero"])
 def test_rpo_matches_trl_with_an_sft_term(loss_type):
     # TRL 1.16 writes RPO as loss_type=[X, "sft"], loss_weights=[1, rpo_alpha]: its "sft" is the batch token-mean NLL
@@ -334,7 +325,6 @@ def trl_cpo_loss(chosen, rejected, **attributes):
     return trainer.cpo_loss(chosen, rejected)
 
 
-@needs_trl
 @pytest.mark.parametrize(("beta", "gamma", "label_smoothing"), [(2.0, 0.5, 0.0), (2.5, 1.4, 0.0), (2.0, 0.5, 0.15)])
 def test_simpo_matches_trl(beta, gamma, label_smoothing):
     chosen, rejected = POLICY_CHOSEN / CHOSEN_TOKENS, POLICY_REJECTED / REJECTED_TOKENS  # SimPO's mean logps
@@ -346,7 +336,6 @@ def test_simpo_matches_trl(beta, gamma, label_smoothing):
         torch.testing.assert_close(ours_value, trl_value)
 
 
-@needs_trl
 @pytest.mark.parametrize(("beta", "label_smoothing"), [(0.1, 0.0), (0.5, 0.0), (0.1, 0.2)])
 def test_cpo_matches_trl(beta, label_smoothing):
     expected = trl_cpo_loss(
