@@ -11,6 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
+@pytest.mark.slow
 def test_bench_prints_a_result_with_throughput_memory_and_flops():
     command = [sys.executable, str(BENCH), "--algo", "dpo", "--size", "tiny", "--steps", "3", "--warm", "1",
                "--bs", "2", "--prompt-len", "8", "--completion-len", "16", "--precompute-ref"]  # fmt: skip
@@ -69,6 +70,7 @@ def test_pairs_and_token_count_equal_the_reference_scripts(vary):
     assert bench.SIZES["smollm2"] == anchor.SIZES["smollm2"]
 
 
+@pytest.mark.slow
 def test_varied_padding_free_run_counts_the_real_tokens_of_its_pairs():
     command = [sys.executable, str(BENCH), "--algo", "orpo", "--size", "tiny", "--steps", "2", "--warm", "1",
                "--bs", "2", "--prompt-len", "8", "--completion-len", "16", "--vary", "--padding-free"]  # fmt: skip

@@ -34,6 +34,7 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(("config", "cls", "extra"), [("demo.yaml", ORPO, ORPO_EXTRA), ("demo_dpo.yaml", DPO, [])])
+@pytest.mark.slow
 def test_fit_writes_run_directory(tmp_path, config, cls, extra):
     run = tmp_path / "run"
     result = run_cli("fit", "--config", config, "--trainer.default_root_dir", str(run),
@@ -67,6 +68,7 @@ def test_fit_writes_run_directory(tmp_path, config, cls, extra):
     assert any(row["train/loss"] for row in rows) and any(row["val/loss"] for row in rows)
 
 
+@pytest.mark.slow
 def test_bare_config_name_resolves_in_configs_dir(tmp_path):
     result = run_cli("fit", "--config", "orpo_tinyllama.yaml", "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -74,6 +76,7 @@ def test_bare_config_name_resolves_in_configs_dir(tmp_path):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.slow
 def test_every_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
@@ -113,6 +116,7 @@ def test_the_unpaired_and_supervised_methods_have_a_config_per_seed_base_on_the_
         assert config["model"]["init_args"].get(key) == dpo["model"]["init_args"].get(key), key
 
 
+@pytest.mark.slow
 def test_offline_hub_model_fails_at_once_with_local_path_hint(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(8, seed=0))
     result = run_cli("fit", "--config", "orpo_tinyllama.yaml", "--data.path", str(data), "--data.val_split", "null",
@@ -123,6 +127,7 @@ def test_offline_hub_model_fails_at_once_with_local_path_hint(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_data_file_is_reported_without_traceback(tmp_path):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
@@ -133,6 +138,7 @@ def test_bad_data_file_is_reported_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_wandb_switch_logs_offline_into_the_run(tmp_path):
     run = tmp_path / "run"
     result = run_cli("fit", "--config", "demo_dpo.yaml", "--wandb", "true", "--trainer.default_root_dir", str(run),
@@ -146,6 +152,7 @@ def test_wandb_switch_logs_offline_into_the_run(tmp_path):
     ("flag", "value", "message"),
     [("--model.label_smoothing", "0.7", "label_smoothing must be in [0, 0.5)"), ("--model.beta", "0", "beta must be")],
 )
+@pytest.mark.slow
 def test_out_of_range_setting_is_reported_without_traceback(tmp_path, flag, value, message):
     result = run_cli("fit", "--config", "demo_dpo.yaml", flag, value, "--trainer.default_root_dir", str(tmp_path))
     assert result.returncode == 2
@@ -172,6 +179,7 @@ def train_steps(run: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_and_resume_finishes_bit_exact(tmp_path):
     whole = tmp_path / "whole"
     assert start_fit(whole, "--trainer.max_steps", "30").wait(timeout=300) == 0
@@ -194,6 +202,7 @@ def test_sigterm_saves_the_step_and_resume_finishes_bit_exact(tmp_path):
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
+@pytest.mark.slow
 def test_resume_with_another_objective_is_refused_in_one_line(tmp_path):
     run = tmp_path / "run"
     first = run_cli("fit", "--config", "demo.yaml", "--trainer.default_root_dir", str(run), "--trainer.max_steps", "2")
@@ -203,6 +212,7 @@ def test_resume_with_another_objective_is_refused_in_one_line(tmp_path):
     assert "cannot resume" in result.stderr and "model.beta" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_at_a_step(tmp_path):
     run = tmp_path / "run"
     process = start_fit(run, "--trainer.max_epochs", "1000")
@@ -215,6 +225,7 @@ def test_ctrl_c_stops_cleanly_at_a_step(tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_second_interrupt_stops_at_once_and_keeps_adapter_and_a_checkpoint(tmp_path):
     run = tmp_path / "run"
     process = start_fit(run, "--trainer.max_epochs", "1000")
@@ -229,6 +240,7 @@ def test_second_interrupt_stops_at_once_and_keeps_adapter_and_a_checkpoint(tmp_p
     assert state["global_step"] > 0 and all("lora_" in k for k in state["state_dict"])
 
 
+@pytest.mark.slow
 def test_lightnings_distributed_sampler_is_refused_in_one_line_under_ddp(tmp_path):
     run = tmp_path / "run"
     result = run_cli("fit", "--config", "demo.yaml", "--trainer.default_root_dir", str(run),

@@ -31,6 +31,7 @@ def test_repetition_score_by_hand():
     assert repetition_score([1, 2], n=4) == 0.0  # shorter than n: no n-gram at all
 
 
+@pytest.mark.slow
 def test_compare_writes_one_row_per_prompt_and_one_column_per_model(tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     out = tmp_path / "cmp"

@@ -20,6 +20,7 @@ from tests.test_cli import run_cli
         ("--data.pad_to_multiple_of", "0", "--data.pad_to_multiple_of must be at least 1, got 0"),
     ],
 )
+@pytest.mark.slow
 def test_a_size_below_one_is_one_line_and_exit_2(tmp_path, flag, value, expected):
     result = run_cli("fit", "--config", "demo.yaml", "--trainer.default_root_dir", str(tmp_path / "run"), flag, value)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -29,6 +30,7 @@ def test_a_size_below_one_is_one_line_and_exit_2(tmp_path, flag, value, expected
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_chat_message_with_an_unknown_role_is_one_line_and_exit_2(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     good = {"prompt": "q", "chosen": "a", "rejected": "b"}

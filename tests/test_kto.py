@@ -183,6 +183,7 @@ def test_collate_unpaired_puts_the_kl_rows_after_the_completions():
         ({"prompt": "q", "completion": "a", "label": "yes"}, "line 2: field 'label' must be true or false, got 'yes'"),
     ],
 )
+@pytest.mark.slow
 def test_a_bad_label_is_one_line_and_exit_2(tmp_path, row, message):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": "q", "completion": "a", "label": True}, row]))
@@ -299,6 +300,7 @@ def test_a_dpo_checkpoint_is_not_resumed_as_kto(pairs, tmp_path):
         run(KTO, pairs, tmp_path, max_steps=4, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
 
 
+@pytest.mark.slow
 def test_cli_fit_logs_the_kto_metrics(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("fit", "--config", "demo_kto.yaml", "--trainer.default_root_dir", str(run_dir),

@@ -8,6 +8,7 @@ from tests.helpers import PAIR_METHODS, synthetic_pairs, write_jsonl
 
 
 @pytest.mark.parametrize("cls", PAIR_METHODS)
+@pytest.mark.slow
 def test_held_out_reward_accuracy_rises(tmp_path, cls):
     train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(128, seed=0))
     held_out = write_jsonl(tmp_path / "val.jsonl", synthetic_pairs(64, seed=1))

@@ -21,6 +21,7 @@ LEARNERS = [  # (method, its knobs): DPO's other loss types (every pair method l
 
 
 @pytest.mark.parametrize(("cls", "knobs"), LEARNERS, ids=lambda x: x.__name__ if isinstance(x, type) else str(x))
+@pytest.mark.slow
 def test_held_out_reward_accuracy_rises(tmp_path, cls, knobs):
     train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(128, seed=0))
     held_out = write_jsonl(tmp_path / "val.jsonl", synthetic_pairs(64, seed=1))
@@ -107,6 +108,7 @@ def test_method_is_selected_by_flag(method, capsys):
         (["--model", "alignment.SimPO", "--model.cpo_alpha", "-0.5"], "--model.cpo_alpha must be >= 0, got -0.5"),
     ],
 )
+@pytest.mark.slow
 def test_a_bad_knob_is_one_line_and_exit_2(args, message, tmp_path):
     result = run_cli("fit", "--config", "demo_dpo.yaml", "--trainer.default_root_dir", str(tmp_path), *args)
     assert result.returncode == 2, result.stderr[-2000:]

@@ -58,6 +58,7 @@ def test_tiny_model_is_deterministic(tmp_path):
     assert a == b
 
 
+@pytest.mark.slow
 def test_cached_hub_model_loads_without_network_and_without_waiting(tmp_path):
     """A hub name found in the local cache loads when the hub cannot be reached, with no retries."""
     snapshot = tmp_path / "hf" / "hub" / "models--someone--tiny" / "snapshots" / ("0" * 40)

@@ -31,12 +31,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *expected: str) -
     return last
 
 
+@pytest.mark.slow
 def test_missing_path_says_no_such_directory(tmp_path):
     result = fit_with_base(str(tmp_path / "no-model-here"), tmp_path)
     last = assert_one_line_error(result, "no such directory")
     assert "hub" not in last and "Hugging Face" not in last
 
 
+@pytest.mark.slow
 def test_empty_directory_says_empty(tmp_path):
     (tmp_path / "empty").mkdir()
     result = fit_with_base(str(tmp_path / "empty"), tmp_path)
@@ -44,6 +46,7 @@ def test_empty_directory_says_empty(tmp_path):
     assert "sentencepiece" not in last
 
 
+@pytest.mark.slow
 def test_adapter_directory_names_its_base(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()

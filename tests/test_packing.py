@@ -178,6 +178,7 @@ def test_sft_refuses_padding_free_in_one_line():
 
 
 @pytest.mark.parametrize(("name", "kwargs"), METHOD_CASES, ids=[f"{n}-{k}" for n, k in METHOD_CASES])
+@pytest.mark.slow
 def test_module_losses_metrics_and_lora_gradients_equal_the_padded_ones(name, kwargs):
     results = []
     for padding_free in (False, True):

@@ -53,6 +53,7 @@ SHORT = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_packaged_name_resolves_to_a_converted_directory():
     source = Path(resolve_base(NAME))
     assert (source / "config.json").is_file() and (source / "model.safetensors").is_file()

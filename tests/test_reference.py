@@ -135,6 +135,7 @@ def test_broken_entry_is_recomputed(pairs_file, tmp_path, reference_forwards, ca
     ],
     ids=["max_length", "max_prompt_length", "chat_template", "4bit", "dtype"],
 )
+@pytest.mark.slow
 def test_fingerprint_change_computes_afresh(pairs_file, tmp_path, reference_forwards, change):
     fit(pairs_file, tmp_path / "cache")
     reference_forwards.clear()
@@ -158,6 +159,7 @@ def _write_many(directory, times):
         cache.save("same", tables, meta={})
 
 
+@pytest.mark.slow
 def test_concurrent_writers_never_leave_a_broken_entry(tmp_path):
     cache = ReferenceCache(tmp_path)
     _write_many(tmp_path, 1)
@@ -254,6 +256,7 @@ def test_a_signal_during_the_pass_keeps_the_rows_computed_and_stops_cleanly(pair
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.slow
 def test_the_cli_stops_in_one_line_on_a_signal_during_the_pass(tmp_path, signum, code):
     cache = tmp_path / "cache"
     command = [sys.executable, "cli.py", "fit", "--config", "demo_dpo.yaml", "--trainer.max_steps", "50",

@@ -37,6 +37,7 @@ def markdown_rows(text):
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
 
 
+@pytest.mark.slow
 def test_report_writes_a_plot_per_metric_and_the_final_values_of_each_run(tmp_path):
     dpo, orpo = demo_run("dpo"), demo_run("orpo")
     main(["report", str(dpo), str(orpo), "--out", str(tmp_path / "report")])

@@ -51,6 +51,7 @@ def assert_same_adapters(resumed, uninterrupted):
 
 
 @pytest.mark.parametrize("cls", PAIR_METHODS)
+@pytest.mark.slow
 def test_signal_stops_at_the_step_and_resume_is_bit_exact(cls, pairs, tmp_path):
     _, uninterrupted = run(cls, pairs, tmp_path / "whole", max_steps=7)
     stopped, _ = run(cls, pairs, tmp_path / "split", max_steps=7, extra_callbacks=[SignalAtStep(3)])
@@ -151,6 +152,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_a_checkpoint_resumed_as_another_method_is_refused_in_one_line(method, tmp_path):
     """Each method's checkpoint, resumed through cli.py under the next method of METHODS (the last one under the
     first): one line naming both, exit 2, nothing trained."""

@@ -107,6 +107,7 @@ def test_a_hub_config_on_a_local_file_holds_out_pairs_it_never_trains_on(tmp_pat
     assert saved["data"]["val_split"] is None and saved["data"]["val_fraction"] == 0.1
 
 
+@pytest.mark.slow
 def test_validate_leaves_the_run_as_it_was_even_on_a_read_only_directory(finished, tmp_path):
     before = snapshot(finished)
     early = tmp_path / "early.ckpt"  # an earlier checkpoint: validating it once cut metrics.csv back to its step
@@ -134,6 +135,7 @@ def test_validate_leaves_the_run_as_it_was_even_on_a_read_only_directory(finishe
     [(["--model.beta", "0.2"], "model.beta: 0.1 in the checkpoint, 0.2 now"),
      (["--trainer.max_steps", "6"], "its learning-rate schedule is 3 optimizer steps long, this run's would be 6")],
 )  # fmt: skip
+@pytest.mark.slow
 def test_a_refused_resume_leaves_the_run_as_it_was(copy_of_finished, flags, message):
     run, before = copy_of_finished, snapshot(copy_of_finished)
     line = error_line(cli("fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", *flags))
@@ -174,6 +176,7 @@ def test_a_rerun_needs_overwrite_and_nothing_goes_before_the_new_run_trains(copy
     assert saved["overwrite"] is False and saved["ckpt_path"] is None
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_or_from_a_damaged_one_is_refused(copy_of_finished, tmp_path):
     empty = tmp_path / "empty"
     line = error_line(cli("fit", *DEMO, "--trainer.default_root_dir", str(empty), "--ckpt_path", "last"))
@@ -234,6 +237,7 @@ def test_a_fit_in_the_same_process_may_use_the_directory_again_once_the_first_ha
     assert step_of(tmp_path / "run" / "checkpoints" / "last.ckpt") == 1
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_in_one_line_with_adapter_and_checkpoint_at_the_same_step(tmp_path):
     run = tmp_path / "run"
     env = {"PYTHONPATH": str(ROOT / "tests" / "diskfull"), "DISKFULL_DIR": str(run), "DISKFULL_AFTER_STEP": "3"}

@@ -162,6 +162,7 @@ def test_a_dpo_checkpoint_is_not_resumed_as_sft(pairs, tmp_path):
         run(SFT, pairs, tmp_path, max_steps=4, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
 
 
+@pytest.mark.slow
 def test_cli_fit_logs_the_sft_metrics(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("fit", "--config", "demo_sft.yaml", "--trainer.default_root_dir", str(run_dir),
@@ -174,6 +175,7 @@ def test_cli_fit_logs_the_sft_metrics(tmp_path):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_conversation_without_a_final_answer_is_one_line_and_exit_2(tmp_path):
     rows = tmp_path / "chat.jsonl"
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}

@@ -91,6 +91,7 @@ column, e.g. --data.columns '{"prompt": "question"}'"""
         (["--config", "nothere.yaml"], f"error: --config: File does not exist: '{ROOT / 'nothere.yaml'}'"),
     ],
 )
+@pytest.mark.slow
 def test_a_bad_fit_flag_is_one_line(tmp_path, args, expected):
     result = run_cli("fit", "--config", "demo.yaml", "--trainer.default_root_dir", str(tmp_path / "run"), *args)
     assert error_line(result) == expected
@@ -111,6 +112,7 @@ def test_a_bad_flag_after_training_is_one_line(args, expected):
     assert error_line(run_cli(*args)) == expected
 
 
+@pytest.mark.slow
 def test_wandb_without_a_login_is_one_line_before_training(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
     env["HOME"] = str(tmp_path)  # no ~/.netrc, no ~/.config/wandb/settings
@@ -205,6 +207,7 @@ def run_in_read_only(directory: Path, *args: str) -> subprocess.CompletedProcess
         (["sweep", "--config", "demo.yaml", "--grid", "model.beta=0.1,0.2"], "--out"),
     ],
 )
+@pytest.mark.slow
 def test_a_read_only_output_is_one_line_naming_it(tmp_path, verb, flag):
     locked = tmp_path / "locked"
     locked.mkdir()
