@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import Tensor
 
-from alignment.data import IGNORE_INDEX, PreferenceDataModule, UnpairedBatch
+from alignment.data import PreferenceDataModule, UnpairedBatch
 from alignment.losses_kto import kto_kl_estimate, kto_loss, weights_advice
 from alignment.methods.base import PreferenceModule, Split, _check
 from alignment.methods.dpo import DPO
@@ -68,6 +68,7 @@ class KTO(PreferenceModule):
     on_fit_end = DPO.on_fit_end
     _save_rows_added = DPO._save_rows_added
     _reference_identity = DPO._reference_identity
+    _reference_pass = DPO._reference_pass
 
     def compute_loss(self, batch: UnpairedBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
         hp, size = self.hparams, len(batch.index)
@@ -96,14 +97,6 @@ class KTO(PreferenceModule):
             if advice:
                 log.warning(advice)
 
-    @torch.no_grad()
-    def _reference_pass(self, pairs: list, collate) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Reference log-probs (summed) of each example's completion and KL completion, and their token counts."""
-        batch = UnpairedBatch(*(t.to(self.device) for t in collate(pairs)))
-        with self.trainer.precision_plugin.forward_context(), self.reference_model():  # eval: no dropout
-            completion, kl_completion = self.sequence_logps(batch, average=False)
-        completion_tokens, kl_tokens = (batch.labels != IGNORE_INDEX).sum(-1).chunk(2)
-        return completion, kl_completion, completion_tokens, kl_tokens
 
 
 def kto_metrics(
