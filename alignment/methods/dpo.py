@@ -208,7 +208,7 @@ class DPO(PreferenceModule):
         """Reference log-probs (summed) of the two answers of each item (chosen and rejected; for KTO, completion
         and KL completion), and their token counts."""
         collated = collate(pairs)  # a PreferenceBatch, or KTO's UnpairedBatch: two answer rows per item
-        batch = collated._make(t.to(self.device) for t in collated)
+        batch = type(collated)(*(t.to(self.device) for t in collated))
         with self.trainer.precision_plugin.forward_context(), self.reference_model():  # eval: no dropout
             chosen, rejected = self.sequence_logps(batch, average=False)
         chosen_tokens, rejected_tokens = (batch.labels != IGNORE_INDEX).sum(-1).chunk(2)
