@@ -104,3 +104,20 @@ def test_every_setting_of_every_method_and_of_the_data_has_a_help_line():
     for cls in [getattr(alignment, name) for name in METHODS] + [alignment.PreferenceDataModule]:
         missing = init_args(cls) - documented_args(cls)
         assert not missing, f"{cls.__name__}: no help for {sorted(missing)}"
+
+
+def test_dpo_signature_is_explicit_and_matches_the_base():
+    import inspect
+
+    from alignment.methods.base import PreferenceModule
+
+    dpo = inspect.signature(alignment.DPO.__init__).parameters
+    kinds = {p.kind for p in dpo.values()}
+    assert inspect.Parameter.VAR_POSITIONAL not in kinds and inspect.Parameter.VAR_KEYWORD not in kinds
+    for name, param in inspect.signature(PreferenceModule.__init__).parameters.items():
+        assert name in dpo, f"DPO.__init__ lacks the base's {name}"
+        assert (dpo[name].default, dpo[name].annotation) == (param.default, param.annotation), name
+    # and every one reaches the base: the saved hyperparameters hold what was given
+    module = alignment.DPO(lora_r=4, lora_alpha=8, warmup_steps=3, padding_free=True, beta=0.2, rpo_alpha=0.5)
+    assert (module.hparams.lora_r, module.hparams.lora_alpha, module.hparams.warmup_steps) == (4, 8, 3)
+    assert (module.hparams.padding_free, module.hparams.beta, module.hparams.rpo_alpha) == (True, 0.2, 0.5)

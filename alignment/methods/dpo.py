@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -22,6 +23,7 @@ from alignment.reference import (
     train_pairs_read,
     weights_identity,
 )
+from alignment.tiny import TINY
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +57,46 @@ class DPO(PreferenceModule):
 
     def __init__(
         self,
-        *args,
+        base: str = TINY,
+        revision: str | None = None,
+        adapter: str | None = None,
+        load_in_4bit: bool = True,
+        compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: str | list[str] = "all-linear",
+        gradient_checkpointing: bool = False,
+        learning_rate: float = 5e-6,
+        weight_decay: float = 0.0,
+        lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        warmup_ratio: float = 0.0,
+        warmup_steps: int = 0,
+        optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
+        beta: float = 0.1,
+        lean_logps: bool = True,
+        logits_chunk_size: int | None = None,
+        padding_free: bool = False,
         loss_type: DPOLossType = "sigmoid",
         label_smoothing: float = 0.0,
         rpo_alpha: float = 0.0,
         discopop_tau: float = 0.05,
         reference_cache: bool = True,
         reference_cache_dir: str | None = None,
-        **kwargs,
     ):
         _check(0 <= label_smoothing < 0.5, f"--model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         _check(loss_type != "exo_pair" or label_smoothing > 0,
                "--model.loss_type exo_pair needs --model.label_smoothing > 0 (the EXO paper uses 1e-3)")  # fmt: skip
         _check(rpo_alpha >= 0, f"--model.rpo_alpha must be >= 0, got {rpo_alpha}")
         _check(discopop_tau > 0, f"--model.discopop_tau must be > 0, got {discopop_tau}")
-        super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records these too
+        # the base's save_hyperparameters() records this signature's every argument
+        super().__init__(
+            base=base, revision=revision, adapter=adapter, load_in_4bit=load_in_4bit, compute_dtype=compute_dtype,
+            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target_modules=lora_target_modules,
+            gradient_checkpointing=gradient_checkpointing, learning_rate=learning_rate, weight_decay=weight_decay,
+            lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps, optimizer=optimizer,
+            beta=beta, lean_logps=lean_logps, logits_chunk_size=logits_chunk_size, padding_free=padding_free,
+        )  # fmt: skip
         self.reward_mean = RunningMean()  # bco_pair's reward shift: state for an exact resume
         self._reference: Tables = {}  # split -> (N, 4) cached reference log-probs, filled in on_fit_start
         self._reference_key: str | None = None  # the cache entry they belong to
