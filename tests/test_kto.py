@@ -249,10 +249,12 @@ def test_held_out_pairs_are_told_apart(tmp_path):
     held_out = write_jsonl(tmp_path / "val.jsonl", synthetic_pairs(64, seed=1))
     data = PreferenceDataModule(str(train), val_path=str(held_out), max_length=64, batch_size=8)
     L.seed_everything(0)
-    module = KTO(base="tiny", load_in_4bit=True, lora_r=8, lora_alpha=16, learning_rate=5e-3, lr_scheduler="constant",
+    # at 5e-3 the held-out pair accuracy of seed 0 stalled at 0.88-0.89 over 16 epochs (seed 1: 1.0); at 2e-3 it
+    # was 0.98-1.0 from the first epoch on for seeds 0 and 2
+    module = KTO(base="tiny", load_in_4bit=True, lora_r=8, lora_alpha=16, learning_rate=2e-3, lr_scheduler="constant",
                  reference_cache_dir=str(tmp_path / "cache"))  # fmt: skip
     trainer = L.Trainer(
-        max_epochs=10, logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0
+        max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0
     )
     before = trainer.validate(module, data, verbose=False)[0]
     assert before["val/rewards/accuracies"] == 0.0  # every log-ratio is 0 at the start

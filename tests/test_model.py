@@ -67,8 +67,10 @@ def test_cached_hub_model_loads_without_network_and_without_waiting(tmp_path):
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens on port 9
-    script = (  # every connection the process tries is counted (and refused: nothing listens on port 9)
-        "import socket; tries = []; connect = socket.socket.connect\n"
+    script = (  # every connection loading tries is counted (and refused: nothing listens on port 9)
+        # bitsandbytes (0.50, with kernels 0.19) looks for an optional CPU kernel on the hub when it is imported,
+        # whatever is loaded after (README, "Real models"): imported before counting
+        "import peft, socket; tries = []; connect = socket.socket.connect\n"
         "def counted(sock, address): tries.append(address); return connect(sock, address)\n"
         "socket.socket.connect = counted\n"
         "from alignment.model import load_base, load_tokenizer as t; t('someone/tiny'); load_base('someone/tiny')\n"
