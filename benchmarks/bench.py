@@ -73,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vary", action="store_true", help="each prompt and answer length uniform in [len/4, len], seeded")
     ap.add_argument("--precompute-ref", action="store_true", help="DPO: reference log-probs from the cache")
     ap.add_argument("--padding-free", action="store_true", help="ours: sequences packed into one row, no padding")
+    ap.add_argument(
+        "--shared-prompt",
+        action="store_true",
+        help="ours, with --padding-free: each pair's prompt packed once for both answers",
+    )
     ap.add_argument("--plain-logps", action="store_true", help="full (2B, T, V) logits, not the lean path")
     ap.add_argument("--logits-chunk-size", type=int, default=None)
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of the first timed step")
@@ -205,6 +210,8 @@ def build_module(args: argparse.Namespace, base: Path, cache_dir: Path) -> L.Lig
         lr_scheduler="cosine", beta=0.1, lean_logps=not args.plain_logps, logits_chunk_size=args.logits_chunk_size,
         padding_free=args.padding_free,
     )  # fmt: skip
+    if args.shared_prompt:  # only given when asked: a version without the setting still runs the rest
+        common["shared_prompt"] = True
     if args.algo == "orpo":
         return ORPO(**common)
     if "reference_cache" in inspect.signature(DPO.__init__).parameters:
@@ -279,7 +286,7 @@ def summarize(args, completion_len, pair_tokens: float, module, trainer, timer: 
     return dict(
         system="ours", algo=args.algo, size=args.size, four_bit=not args.no_4bit, bs=args.bs, seq=seq, vary=args.vary,
         gradient_checkpointing=not args.no_gc, precompute_ref=args.precompute_ref, lean_logps=not args.plain_logps,
-        padding_free=args.padding_free,
+        padding_free=args.padding_free, shared_prompt=args.shared_prompt,
         timed_steps=timer.timed, step_s=seconds / timer.timed, tokens_per_s=tokens_per_s, total_s=total_s,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

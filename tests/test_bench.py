@@ -71,13 +71,15 @@ def test_pairs_and_token_count_equal_the_reference_scripts(vary):
 
 
 @pytest.mark.slow
-def test_varied_padding_free_run_counts_the_real_tokens_of_its_pairs():
+def test_varied_packed_run_counts_the_real_tokens_of_its_pairs():
     command = [sys.executable, str(BENCH), "--algo", "orpo", "--size", "tiny", "--steps", "2", "--warm", "1",
-               "--bs", "2", "--prompt-len", "8", "--completion-len", "16", "--vary", "--padding-free"]  # fmt: skip
+               "--bs", "2", "--prompt-len", "8", "--completion-len", "16", "--vary", "--padding-free",
+               "--shared-prompt"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
-    assert result["vary"] is True and result["padding_free"] is True
+    assert result["vary"] is True and result["padding_free"] is True and result["shared_prompt"] is True
+    # counted as the reference script counts, the prompt twice a pair, though packed once
     rows = bench.make_pairs(2 * (2 + 2), 1024, 8, 16, vary=True)  # the rows the run trained on
     assert bench.mean_pair_tokens(rows) < 2 * (8 + 16)  # varied: fewer than the fixed lengths give
     assert result["tokens_per_s"] * result["step_s"] == pytest.approx(2 * bench.mean_pair_tokens(rows))

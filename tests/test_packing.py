@@ -1,8 +1,9 @@
 """Padding-free forwards (alignment/packing.py) against the padded batch they come from.
 
 Tolerances: fp32 on CPU; the packed and padded forwards differ only in the order of float sums (attention over a
-block-diagonal mask instead of a padded one), so per-sequence log-probs, losses, metrics and LoRA gradients agree
-to 1e-5 relative and 1e-5 absolute (gradients: 1e-4 absolute, sums over every position of the batch).
+block-diagonal mask instead of a padded one; a pair's prompt computed once for both answers), so per-sequence
+log-probs, losses, metrics and LoRA gradients agree to 1e-5 relative and 1e-5 absolute (gradients: 1e-4 absolute,
+sums over every position of the batch).
 """
 
 import inspect
@@ -19,6 +20,7 @@ from alignment.model import add_lora, load_base
 from alignment.packing import (
     PACKED_ATTENTION,
     pack_rows,
+    pack_shared_prompts,
     packed_sequence_logps,
     sum_per_row,
     use_packed_attention,
@@ -65,6 +67,27 @@ def test_sum_per_row_sums_and_means_over_scored_tokens():
     # scored positions: row 0 -> 3, 4, 5; row 1 -> 9, 10; row 2 -> 15..18; row 3 -> 22..26
     assert sum_per_row(values, packed, average=False).tolist() == [12.0, 19.0, 66.0, 120.0]
     assert sum_per_row(values, packed, average=True).tolist() == [4.0, 9.5, 16.5, 24.0]
+
+
+def test_pack_shared_prompts_packs_each_pairs_prefix_once_and_scores_every_answer_token():
+    batch = literal_batch()  # pair 0: prompt [1 40 41 42], answers [50 51 2] / [60 61 62 2]; pair 1: [1 43 44] ...
+    packed = pack_shared_prompts(batch.input_ids, batch.attention_mask, batch.labels)
+    assert packed.input_ids.tolist() == [[1, 40, 41, 42, 50, 51, 2, 60, 61, 62, 2,
+                                          1, 43, 44, 52, 2, 63, 64, 65, 66, 2]]  # fmt: skip
+    # the second answer's positions continue from the prompt's end, as in its own padded row
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 0, 1, 2, 3, 4, 3, 4, 5, 6, 7]]
+    assert packed.bounds.tolist() == [[0, 4, 7, 11], [11, 14, 16, 21]]
+    # each answer's first token is scored from its prompt's last token (3, 13), shared by both answers
+    assert packed.scored.tolist() == [3, 4, 5, 13, 14, 3, 7, 8, 9, 13, 16, 17, 18, 19]
+    assert packed.targets.tolist() == [50, 51, 2, 52, 2, 60, 61, 62, 2, 63, 64, 65, 66, 2]
+    assert packed.rows.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3]
+    assert packed.num_rows == 4
+
+
+def test_pack_shared_prompts_refuses_an_odd_batch():
+    batch = literal_batch()
+    with pytest.raises(ValueError, match="even number of rows, got 3"):
+        pack_shared_prompts(batch.input_ids[:3], batch.attention_mask[:3], batch.labels[:3])
 
 
 # ---- one tiny 4-bit policy with LoRA: packed forwards against padded ones ---------------------------------------
@@ -123,29 +146,85 @@ def lora_grads(policy, logps):
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
 
 
+def prefix_batches():
+    """Pairs whose shared prefix is the prompt, runs into the answers, or is a whole row; and left padding."""
+    plain = literal_batch()
+    into_answers = collate_pairs([TokenizedPair([1, 40, 41], [50, 51, 52, 2], [50, 51, 60, 2], 0),
+                                  TokenizedPair([1, 43], [52, 2, 64], [52, 2], 1)], pad_id=3)  # fmt: skip
+    left = literal_batch()
+    order = torch.sort(left.attention_mask, dim=1, stable=True).indices  # padding first
+    left = type(left)(*(t.gather(1, order) if t.dim() == 2 else t for t in left))
+    return {"prompt": plain, "into answers, whole row": into_answers, "left padding": left}
+
+
+@pytest.mark.parametrize("case", list(prefix_batches()))
+def test_shared_prompt_states_are_each_rows_own(policy, case):
+    """Every token of a pair packed once has the final state it has in its own padded row: it sees the same tokens
+    at the same positions, and the second answer never sees the first."""
+    batch = prefix_batches()[case]
+    packed = pack_shared_prompts(batch.input_ids, batch.attention_mask, batch.labels)
+    use_packed_attention(policy)
+    with torch.no_grad():
+        hidden = decoder_hidden(policy, input_ids=packed.input_ids, **packed.attention_kwargs())[0]  # (N, H)
+        padded = decoder_hidden(policy, input_ids=batch.input_ids, attention_mask=batch.attention_mask)  # (R, T, H)
+    real = batch.attention_mask.bool()
+    for row in range(packed.num_rows):
+        scored = packed.scored[packed.rows == row]  # packed tokens that score this row's answer tokens
+        own = padded[row][real[row]]  # (L, H) the row's real tokens, in order
+        at = batch.labels[row][real[row]][1:] != IGNORE_INDEX  # which of those score an answer token
+        torch.testing.assert_close(hidden[scored], own[:-1][at], **TIGHT)
+
+
+PACKINGS = [(pack_rows, "prompt")] + [(pack_shared_prompts, case) for case in prefix_batches()]
+
+
 @pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("average", [False, True])
-def test_logps_and_lora_gradients_equal_the_padded_forwards(policy, lean, average):
-    batch = literal_batch()
+@pytest.mark.parametrize(("pack", "case"), PACKINGS, ids=[f"{p.__name__}-{c}" for p, c in PACKINGS])
+def test_logps_and_lora_gradients_equal_the_padded_forwards(policy, lean, average, pack, case):
+    batch = prefix_batches()[case]
     head = policy.get_base_model().get_output_embeddings().weight if lean else None
     padded = padded_logps(policy, batch, head, average)
     padded_grads = lora_grads(policy, padded)
-    packed = packed_sequence_logps(policy, pack_rows(batch.input_ids, batch.attention_mask, batch.labels),
+    packed = packed_sequence_logps(policy, pack(batch.input_ids, batch.attention_mask, batch.labels),
                                    head_weight=head, average=average, chunk_size=5)  # fmt: skip
     packed_grads = lora_grads(policy, packed)
     torch.testing.assert_close(packed, padded, **TIGHT)
     assert padded_grads.keys() == packed_grads.keys() and len(packed_grads) > 0
-    assert all(g.abs().sum() > 0 for g in packed_grads.values())
     for name, grad in packed_grads.items():
+        assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, padded_grads[name], **GRADS, msg=name)
 
 
-# ---- every method's module: --model.padding_free true against false ---------------------------------------------
+def test_shared_prompt_refuses_an_attention_that_would_not_read_the_bounds():
+    torch.manual_seed(0)
+    model = add_lora(load_base("tiny", load_in_4bit=True), gradient_checkpointing=False)
+    model.get_base_model().set_attn_implementation("eager")
+    batch = literal_batch()
+    with pytest.raises(ConfigError, match="--model.shared_prompt needs the model's attention on sdpa, not eager"):
+        packed_sequence_logps(model, pack_shared_prompts(batch.input_ids, batch.attention_mask, batch.labels),
+                              head_weight=None, average=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("DPO", {"shared_prompt": True}, "--model.shared_prompt needs --model.padding_free true"),
+        ("KTO", {"shared_prompt": True, "padding_free": True}, "--model.shared_prompt: KTO does not train on pairs"),
+    ],
+)
+def test_shared_prompt_settings_that_cannot_work_are_one_line(name, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        getattr(alignment, name)(**kwargs)
+
+
+# ---- every method's module: --model.padding_free true (and shared_prompt) against false -------------------------
 
 PACKED_METHODS = [name for name in METHODS if getattr(alignment, name).data_kind != "sequences"]  # SFT: padded only
+PAIR_METHODS = [name for name in PACKED_METHODS if getattr(alignment, name).data_kind == "pairs"]
 METHOD_CASES = [(name, {}) for name in PACKED_METHODS] + [
     ("DPO", {"loss_type": "ipo"}), ("DPO", {"loss_type": "hinge"}), ("ORPO", {"lean_logps": False})
-]  # fmt: skip
+] + [(name, {"shared_prompt": True}) for name in PAIR_METHODS]  # fmt: skip
 
 
 def seeded_module(name: str, **kwargs):
@@ -182,7 +261,8 @@ def test_sft_refuses_padding_free_in_one_line():
 def test_module_losses_metrics_and_lora_gradients_equal_the_padded_ones(name, kwargs):
     results = []
     for padding_free in (False, True):
-        module = seeded_module(name, padding_free=padding_free, **kwargs)
+        settings = kwargs if padding_free else {k: v for k, v in kwargs.items() if k != "shared_prompt"}
+        module = seeded_module(name, padding_free=padding_free, **settings)
         loss, metrics = module.compute_loss(batch_of(name))
         loss.backward()
         grads = {n: p.grad for n, p in module.policy.named_parameters() if p.requires_grad}

@@ -30,7 +30,7 @@ from alignment.model import (
     load_lora,
     read_adapter,
 )
-from alignment.packing import pack_rows, packed_sequence_logps
+from alignment.packing import pack_rows, pack_shared_prompts, packed_sequence_logps
 from alignment.reference import adapter_identity
 from alignment.resume import ExactResume
 from alignment.tiny import TINY
@@ -83,6 +83,8 @@ class PreferenceModule(L.LightningModule):
         logits_chunk_size: answer tokens whose logits exist at once on the lean path; None: about 2**25 logits.
         padding_free: pack the batch's sequences into one row (positions restarting per sequence, attention kept
             within each): no compute on padding; the log-probs equal the padded forward's (`alignment.packing`).
+        shared_prompt: with padding_free, each pair's prompt packed once, both its answers attending to it: fewer
+            tokens, the same log-probs (methods trained on pairs: DPO, ORPO, SimPO, CPO; needs sdpa attention).
     """
 
     metric_names: list[str] = REWARD_METRICS
@@ -112,6 +114,7 @@ class PreferenceModule(L.LightningModule):
         lean_logps: bool = True,
         logits_chunk_size: int | None = None,
         padding_free: bool = False,
+        shared_prompt: bool = False,
     ):
         super().__init__()
         _check(beta > 0, f"--model.beta must be > 0, got {beta}")
@@ -121,6 +124,10 @@ class PreferenceModule(L.LightningModule):
         _check(0 <= warmup_ratio < 1, f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         _check(warmup_steps >= 0, f"--model.warmup_steps must be >= 0, got {warmup_steps}")
         _check(logits_chunk_size is None or logits_chunk_size > 0, "--model.logits_chunk_size must be > 0 or null")
+        _check(not shared_prompt or padding_free, "--model.shared_prompt needs --model.padding_free true")
+        _check(not shared_prompt or self.data_kind == "pairs",
+               f"--model.shared_prompt: {type(self).__name__} does not train on pairs; it is for DPO, ORPO, SimPO, "
+               "CPO")  # fmt: skip
         self.save_hyperparameters()
         self.starting_adapter: dict | None = None  # what names --model.adapter: the reference and a resume depend on it
         if adapter is not None:
@@ -206,14 +213,20 @@ class PreferenceModule(L.LightningModule):
 
     def sequence_logps(self, batch: PreferenceBatch, *, average: bool) -> tuple[Tensor, Tensor]:
         """(chosen, rejected) log-probs of the answers under the current model, each (B,)."""
-        return self.row_logps(batch.input_ids, batch.attention_mask, batch.labels, average=average).chunk(2)
+        return self.row_logps(batch.input_ids, batch.attention_mask, batch.labels, average=average,
+                              pairs=True).chunk(2)  # fmt: skip
 
-    def row_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, average: bool) -> Tensor:
+    def row_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, average: bool,
+                  pairs: bool = False) -> Tensor:  # fmt: skip
         """Log-probs (R,) of the labelled tokens of each of R rows (input_ids, attention_mask, labels (R, T)) under
-        the current model: packed (padding_free), or from the final hidden states (lean), or from full logits."""
+        the current model: packed (padding_free; rows r and R/2 + r sharing their prompt when `pairs` and
+        shared_prompt), or from the final hidden states (lean), or from full logits."""
         head = self._lean_head_weight(input_ids, attention_mask, labels)
         if self.hparams.padding_free:
-            packed = pack_rows(input_ids, attention_mask, labels, ignore_index=IGNORE_INDEX)
+            if pairs and self.hparams.shared_prompt:
+                packed = pack_shared_prompts(input_ids, attention_mask, labels, ignore_index=IGNORE_INDEX)
+            else:
+                packed = pack_rows(input_ids, attention_mask, labels, ignore_index=IGNORE_INDEX)
             chunk = self.hparams.logits_chunk_size
             return packed_sequence_logps(self.policy, packed, head_weight=head, average=average, chunk_size=chunk,
                                          ignore_index=IGNORE_INDEX)  # fmt: skip

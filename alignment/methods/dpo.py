@@ -77,6 +77,7 @@ class DPO(PreferenceModule):
         lean_logps: bool = True,
         logits_chunk_size: int | None = None,
         padding_free: bool = False,
+        shared_prompt: bool = False,
         loss_type: DPOLossType = "sigmoid",
         label_smoothing: float = 0.0,
         rpo_alpha: float = 0.0,
@@ -96,6 +97,7 @@ class DPO(PreferenceModule):
             gradient_checkpointing=gradient_checkpointing, learning_rate=learning_rate, weight_decay=weight_decay,
             lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps, optimizer=optimizer,
             beta=beta, lean_logps=lean_logps, logits_chunk_size=logits_chunk_size, padding_free=padding_free,
+            shared_prompt=shared_prompt,
         )  # fmt: skip
         self.reward_mean = RunningMean()  # bco_pair's reward shift: state for an exact resume
         self._reference: Tables = {}  # split -> (N, 4) cached reference log-probs, filled in on_fit_start

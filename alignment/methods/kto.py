@@ -98,7 +98,6 @@ class KTO(PreferenceModule):
                 log.warning(advice)
 
 
-
 def kto_metrics(
     losses: Tensor, rewards: Tensor, policy_logps: Tensor, desirable: Tensor, z_0: Tensor, beta: float
 ) -> dict[str, Tensor]:
