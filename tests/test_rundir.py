@@ -210,8 +210,18 @@ def test_a_second_fit_is_refused_at_once_and_a_signal_stops_without_validating(t
     assert first.returncode == 0, stderr[-3000:]
     stopped_at = step_of(run / "checkpoints" / "last.ckpt")
     assert f"stopped at step {stopped_at} (SIGTERM)" in stderr
-    assert stopped_at % 20 != 0  # not at an epoch's end (20 batches), the only place the demo validates
-    assert stopped_at not in steps_with(run, "val/loss")  # no validation pass after the signal
+    # the demo validates at each epoch's end (20 steps), logged at the epoch's step - 1: only the epochs finished
+    # before the signal were validated; a stop on an epoch's last step (1 in 20) is the case that would show one more
+    assert steps_with(run, "val/loss") == [20 * epoch - 1 for epoch in range(1, (stopped_at - 1) // 20 + 1)]
+
+
+def test_a_signal_on_an_epochs_last_step_stops_without_that_epochs_validation(tmp_path):
+    run = tmp_path / "run"
+    result = cli("fit", *DEMO, "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "3",
+                 "--trainer.callbacks+=tests.helpers.SignalAtStep", "--trainer.callbacks.step=40")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped at step 40 (SIGTERM)" in result.stderr and step_of(run / "checkpoints" / "last.ckpt") == 40
+    assert steps_with(run, "val/loss") == [19]  # the first epoch's; none for the second, which the signal ended
 
 
 def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
