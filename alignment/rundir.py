@@ -108,12 +108,13 @@ def holds_run(path: Path) -> bool:
     return run_files or any((path / "checkpoints").glob("*.ckpt"))
 
 
-_held: list[IO[str]] = []  # the locks this process holds, released by `release_runs` when its fit returns
+_held: list[tuple[IO[str], list[Path]]] = []  # this process's locks and the directories each lock made
 
 
 def lock_run(path: Path) -> IO[str]:
     """Hold `path` for this fit until `release_runs` or the process ends (a crash or a kill too: the OS drops the
     lock); a second fit into it is refused at once."""
+    made = [p for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
     handle = open(path / LOCK_FILE, "a+")
     try:
@@ -130,15 +131,24 @@ def lock_run(path: Path) -> IO[str]:
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    _held.append(handle)
+    _held.append((handle, made))
     return handle
 
 
 def release_runs() -> None:
     """Release the run directories this process locked: the next fit in the same process (a notebook, a test) may
-    use them again."""
+    use them again. A directory the lock itself made and nothing else wrote to (a fit refused before it began)
+    goes again, with the parents made for it: a mistake leaves no trace."""
     while _held:
-        _held.pop().close()  # closing the file drops its flock
+        handle, made = _held.pop()
+        lock = Path(handle.name)
+        if made and [p.name for p in lock.parent.iterdir()] == [LOCK_FILE]:
+            lock.unlink()  # while still held: no other fit can have taken it in between
+            for directory in made:
+                if any(directory.iterdir()):
+                    break
+                directory.rmdir()
+        handle.close()  # closing the file drops its flock
 
 
 def clear_run(path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from alignment.files import cache_dir
 
@@ -67,8 +68,14 @@ def build_tiny_model(root: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # write aside, then rename: concurrent processes (DDP ranks, parallel tests) never see half a model
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for a 0.3 MB file would stand before a mistake's one line
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     try:
         staging.rename(target)
     except OSError:  # another process finished first

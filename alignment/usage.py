@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning,
                             module="torchdata.stateful_dataloader.stateful_dataloader")  # fmt: skip
     logging.getLogger("alignment").setLevel(logging.INFO)
+    # Lightning's `lightning` logger has a console handler of its own and also propagates to the root's: every
+    # record of Lightning would print twice. And its "Seed set to 42" (the seed is in the run's config.yaml) would
+    # stand before the one line of a mistake the model's arguments make, as LightningCLI seeds before building them.
+    logging.getLogger("lightning").propagate = False
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     if argv is None:  # from the shell: LightningCLI reads sys.argv itself
         sys.argv[1:] = resolve_config_args(sys.argv[1:])
     else:

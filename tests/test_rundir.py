@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from alignment.errors import RunDirError
 from alignment.resume import checkpoint_step
-from alignment.rundir import LOCK_FILE, lock_run
+from alignment.rundir import LOCK_FILE, lock_run, release_runs
 from alignment.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +236,19 @@ def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
     holder.kill()  # SIGKILL: no clean-up of its own
     holder.wait()
     lock_run(tmp_path).close()
+
+
+def test_a_directory_only_the_lock_made_goes_on_release_and_any_other_stays(tmp_path):
+    lock_run(tmp_path / "new" / "run")  # made by the lock, nothing written: a fit refused before it began
+    release_runs()
+    assert not (tmp_path / "new").exists()
+
+    (tmp_path / "mine").mkdir()  # the user's directory
+    lock_run(tmp_path / "mine")
+    lock_run(tmp_path / "used" / "run")
+    (tmp_path / "used" / "run" / "config.yaml").write_text("seed_everything: 42\n")  # the fit began
+    release_runs()
+    assert (tmp_path / "mine").is_dir() and (tmp_path / "used" / "run" / "config.yaml").is_file()
 
 
 def test_a_fit_in_the_same_process_may_use_the_directory_again_once_the_first_has_returned(tmp_path):

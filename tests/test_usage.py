@@ -87,6 +87,7 @@ column, e.g. --data.columns '{"prompt": "question"}'"""
         ),
         (["--trainer.max_epochs", "abc"], "error: --trainer.max_epochs: expected one of [int, None], got abc"),
         (["--model.beta", "abc"], "error: --model.beta: expected a float. Got value: abc"),
+        (["--model.beta", "-1"], "error: --model.beta must be > 0, got -1.0"),  # raised by the module, once seeded
         (["--trainer.bogus", "1"], "error: unrecognized arguments: --trainer.bogus 1 (see python cli.py fit --help)"),
         (["--config", "nothere.yaml"], f"error: --config: File does not exist: '{ROOT / 'nothere.yaml'}'"),
     ],
