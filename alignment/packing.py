@@ -17,6 +17,8 @@ log-probs are again the same up to float rounding, with the prompt's tokens comp
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -88,8 +90,27 @@ def _shared_prompt_attention(query: Tensor, key: Tensor, value: Tensor, bounds: 
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
+_in_packed_forward = ContextVar("in_packed_forward", default=False)
+
+
+def packed_sdpa_mask(*args, **kwargs) -> Tensor | None:
+    """transformers' mask interface: sdpa's own mask, except inside `packed_sequence_logps`'s forward. There the
+    attention reads the sequences' bounds, and the (N, N) block-diagonal mask transformers would build from the
+    restarting position ids (as many entries as the packed row's tokens squared) is never read: none is built."""
+    return None if _in_packed_forward.get() else sdpa_mask(*args, **kwargs)
+
+
+@contextmanager
+def _packed_forward():
+    token = _in_packed_forward.set(True)
+    try:
+        yield
+    finally:
+        _in_packed_forward.reset(token)
+
+
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # padded batches: sdpa's own mask
+AttentionMaskInterface.register(PACKED_ATTENTION, packed_sdpa_mask)
 
 
 def use_packed_attention(model: torch.nn.Module) -> None:
@@ -239,11 +260,13 @@ def packed_sequence_logps(
     if shared and _attention(model) != PACKED_ATTENTION:  # any other would read no bounds: answers would mix
         raise ConfigError(f"--model.shared_prompt needs the model's attention on sdpa, not {_attention(model)}")
     if head_weight is None:
-        logits = model(input_ids=packed.input_ids, use_cache=False, **packed.attention_kwargs()).logits[0]  # (N, V)
-        logits = logits[packed.scored] if shared else logits
+        with _packed_forward():
+            logits = model(input_ids=packed.input_ids, use_cache=False, **packed.attention_kwargs()).logits[0]
+        logits = logits[packed.scored] if shared else logits  # (N or M, V)
         token_logps = sequence_logps(logits.unsqueeze(1), targets, ignore_index=ignore_index)  # (M,)
     else:
-        hidden = _decoder(model)(input_ids=packed.input_ids, use_cache=False, **packed.attention_kwargs())
+        with _packed_forward():
+            hidden = _decoder(model)(input_ids=packed.input_ids, use_cache=False, **packed.attention_kwargs())
         hidden = hidden.last_hidden_state[0]  # (N, H)
         hidden = hidden[packed.scored] if shared else hidden
         token_logps = sequence_logps_from_hidden(

@@ -10,8 +10,10 @@ import inspect
 
 import pytest
 import torch
+from transformers.masking_utils import sdpa_mask
 
 import alignment
+from alignment import packing
 from alignment.data import IGNORE_INDEX, TokenizedPair, TokenizedUnpaired, collate_pairs, collate_unpaired
 from alignment.errors import ConfigError
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
@@ -194,6 +196,21 @@ def test_logps_and_lora_gradients_equal_the_padded_forwards(policy, lean, averag
     for name, grad in packed_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, padded_grads[name], **GRADS, msg=name)
+
+
+@pytest.mark.parametrize("pack", [pack_rows, pack_shared_prompts])
+def test_a_packed_forward_builds_no_mask_and_a_padded_one_still_does(policy, pack, monkeypatch):
+    built = []
+    monkeypatch.setattr(
+        packing, "sdpa_mask", lambda *args, **kwargs: built.append(kwargs) or sdpa_mask(*args, **kwargs)
+    )
+    batch = prefix_batches()["prompt"]
+    packed_sequence_logps(policy, pack(batch.input_ids, batch.attention_mask, batch.labels), head_weight=None,
+                          average=False)  # fmt: skip
+    assert built == []  # the attention reads the bounds: the (N, N) mask would be wasted work
+    assert policy.get_base_model().config._attn_implementation == PACKED_ATTENTION
+    padded_logps(policy, batch, None, average=False)  # the same attention, no bounds: it needs its padding mask
+    assert len(built) == 1 and built[0]["attention_mask"] is not None
 
 
 def test_shared_prompt_refuses_an_attention_that_would_not_read_the_bounds():
