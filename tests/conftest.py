@@ -13,6 +13,9 @@ os.environ["ALIGNMENT_CACHE"] = tempfile.mkdtemp(prefix="alignment-test-cache-")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # tests in parallel processes: one thread each, none spinning idle
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

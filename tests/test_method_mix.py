@@ -17,6 +17,8 @@ from alignment.rundir import RunDir  # noqa: E402
 from alignment.usage import main  # noqa: E402
 from tests.helpers import write_jsonl  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("method-mix")  # under pytest -n, one worker builds the sweeps these share
+
 
 def demo_config(method: str) -> str:
     """Each method's offline demo config: configs/demo_<method>.yaml."""
@@ -30,12 +32,13 @@ def table_rows(path):
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
-    """One two-value beta sweep per method, 3 batches each: {method: the sweep's directory}."""
+    """One sweep per method (its own beta, 3 batches): {method: the sweep's directory}. Sweeps of several values
+    are tests/test_sweep.py's; here each method goes through the sweep, report and compare commands."""
     root = tmp_path_factory.mktemp("sweeps")
     out = {}
     for method in METHODS:
         out[method] = root / method.lower()
-        main(["sweep", "--config", demo_config(method), "--grid", "model.beta=0.1,0.2",
+        main(["sweep", "--config", demo_config(method), "--grid", "model.beta=0.1",
               "--grid", "trainer.max_epochs=1", "--out", str(out[method]), "--trainer.limit_train_batches", "3",
               "--trainer.limit_val_batches", "1"])  # fmt: skip
     return out
@@ -45,7 +48,7 @@ def sweeps(tmp_path_factory):
 def test_a_sweep_of_every_method_finishes_with_its_metrics_in_the_table(sweeps):
     for method, out in sweeps.items():
         rows = table_rows(out / "sweep.csv")
-        assert [r["run"] for r in rows] == ["beta-0.1_max_epochs-1", "beta-0.2_max_epochs-1"], method
+        assert [r["run"] for r in rows] == ["beta-0.1_max_epochs-1"], method
         assert {r["status"] for r in rows} == {"finished"}, method
         for row in rows:
             config = (out / row["run"] / "config.yaml").read_text()
@@ -82,7 +85,7 @@ def test_one_report_over_every_method_gives_each_its_panel_and_row(sweeps, tmp_p
 def test_compare_puts_the_adapter_of_every_method_in_its_own_column(sweeps, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2 + 3?"}, {"prompt": "Count to 3."}])
     names = [method.lower() for method in METHODS]
-    runs = [out / "beta-0.2_max_epochs-1" for out in sweeps.values()]
+    runs = [out / "beta-0.1_max_epochs-1" for out in sweeps.values()]
     adapters = [f"--adapter={name}={run}" for name, run in zip(names, runs, strict=True)]
     main(["compare", "--prompts", str(prompts), *adapters, "--max-new-tokens", "6", "--out", str(tmp_path / "cmp")])
     records = [json.loads(line) for line in (tmp_path / "cmp" / "compare.jsonl").read_text().splitlines()]
