@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--completion-len", default="384", help="comma list: one run per length")
     ap.add_argument("--no-4bit", action="store_true", help="full-precision base")
     ap.add_argument("--no-gc", action="store_true", help="no gradient checkpointing")
+    ap.add_argument(
+        "--selective-gc",
+        action="store_true",
+        help="ours: selective gradient checkpointing (the products' and attention's outputs kept, the rest recomputed)",
+    )
     ap.add_argument("--vary", action="store_true", help="each prompt and answer length uniform in [len/4, len], seeded")
     ap.add_argument("--precompute-ref", action="store_true", help="DPO: reference log-probs from the cache")
     ap.add_argument("--padding-free", action="store_true", help="ours: sequences packed into one row, no padding")
@@ -203,10 +208,14 @@ class StepProfiler(L.Callback):
 # ---- one run -----------------------------------------------------------------------------------------------
 
 
+def checkpointing(args: argparse.Namespace) -> bool | str:
+    return False if args.no_gc else "selective" if args.selective_gc else True
+
+
 def build_module(args: argparse.Namespace, base: Path, cache_dir: Path) -> L.LightningModule:
     common = dict(
         base=str(base), load_in_4bit=not args.no_4bit, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-        lora_target_modules="all-linear", gradient_checkpointing=not args.no_gc, learning_rate=5e-6,
+        lora_target_modules="all-linear", gradient_checkpointing=checkpointing(args), learning_rate=5e-6,
         lr_scheduler="cosine", beta=0.1, lean_logps=not args.plain_logps, logits_chunk_size=args.logits_chunk_size,
         padding_free=args.padding_free,
     )  # fmt: skip
@@ -226,14 +235,17 @@ def train_flops_per_token(module: L.LightningModule, args: argparse.Namespace) -
     """Model FLOPs per trained token, the count of the reference figures: N = parameters in matmuls (every
     linear layer and the LM head, not the input embeddings), 2N for the forward, 2N for the backward to the
     activations (frozen base: no weight gradients; LoRA's own FLOPs, ~1%, not counted), 2N more for the
-    recomputed forward with gradient checkpointing, and 2N for a live reference forward (DPO without the
-    cache). Attention's score/value products are not counted, and the LM head counts at every position
-    even where the lean path skips it: the count says what the model needs, not what this code does."""
+    recomputed forward with gradient checkpointing (not with selective checkpointing, which keeps the products'
+    outputs), and 2N for a live reference forward (DPO without the cache). Attention's score/value products are
+    not counted, and the LM head counts at every position even where the lean path skips it: the count says what
+    the model needs, not what this code does."""
     model = module.policy.get_base_model()
     # the base's matrices: not LoRA's, not the norms' vectors
     frozen = sum(_stored_numel(p) for p in model.parameters() if not p.requires_grad and p.dim() == 2)
     n = frozen - model.get_input_embeddings().weight.numel()
-    passes = 4 + (0 if args.no_gc else 2) + (2 if args.algo == "dpo" and not args.precompute_ref else 0)
+    passes = (
+        4 + (2 if checkpointing(args) is True else 0) + (2 if args.algo == "dpo" and not args.precompute_ref else 0)
+    )
     return passes * n
 
 
@@ -285,7 +297,7 @@ def summarize(args, completion_len, pair_tokens: float, module, trainer, timer: 
     flops = train_flops_per_token(module, args)
     return dict(
         system="ours", algo=args.algo, size=args.size, four_bit=not args.no_4bit, bs=args.bs, seq=seq, vary=args.vary,
-        gradient_checkpointing=not args.no_gc, precompute_ref=args.precompute_ref, lean_logps=not args.plain_logps,
+        gradient_checkpointing=checkpointing(args), precompute_ref=args.precompute_ref, lean_logps=not args.plain_logps,
         padding_free=args.padding_free, shared_prompt=args.shared_prompt,
         timed_steps=timer.timed, step_s=seconds / timer.timed, tokens_per_s=tokens_per_s, total_s=total_s,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,

@@ -69,7 +69,9 @@ class PreferenceModule(L.LightningModule):
         lora_alpha: LoRA scaling numerator: the update is (alpha / r) * B @ A.
         lora_dropout: dropout on the LoRA branch's input during training.
         lora_target_modules: "all-linear" or a list of module names (e.g. [q_proj, v_proj]).
-        gradient_checkpointing: recompute activations in backward (less memory, ~1/3 more compute).
+        gradient_checkpointing: recompute activations in backward (less memory, ~1/3 more compute); "selective":
+            keep the outputs of the base's matrix products and of attention, recompute only the rest (memory
+            between the two, compute near no checkpointing; `alignment.model.selective_checkpointing`).
         learning_rate: peak learning rate of the adapters (after warmup).
         weight_decay: AdamW's decoupled weight decay on the adapters.
         lr_scheduler: cosine or linear decay to 0 (or constant) after `warmup_ratio` / `warmup_steps`.
@@ -103,7 +105,7 @@ class PreferenceModule(L.LightningModule):
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
         lora_target_modules: str | list[str] = "all-linear",
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | Literal["selective"] = False,
         learning_rate: float = 5e-6,
         weight_decay: float = 0.0,
         lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine",

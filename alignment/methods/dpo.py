@@ -66,7 +66,7 @@ class DPO(PreferenceModule):
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
         lora_target_modules: str | list[str] = "all-linear",
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | Literal["selective"] = False,
         learning_rate: float = 5e-6,
         weight_decay: float = 0.0,
         lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine",
