@@ -12,8 +12,8 @@ Memory against length (`--seq-lens`): one process per system and length, 2 steps
     python benchmarks/versus_trl.py --trl-python /tmp/trlvenv/bin/python --seq-lens 512,1024,2048,4096 \\
         -- --algo orpo --size tiny-128k --bs 1 --prompt-len 128
 
-The README's table, every workload in WORKLOADS (ours packed: padding-free, shared prompts), N alternated rounds
-each, one command:
+The README's table, every workload in WORKLOADS (ours packed: padding-free, shared prompts; two rows also with
+selective checkpointing), N alternated rounds each, one command:
 
     python benchmarks/versus_trl.py --trl-python python --rounds 3 --table
 
@@ -43,9 +43,13 @@ SMOLLM2 = ["--size", "smollm2", "--bs", "4", "--prompt-len", "64", "--completion
            "--steps", "4", "--warm", "1"]  # fmt: skip
 TINY = ["--size", "tiny", "--bs", "4", "--prompt-len", "32", "--completion-len", "96", "--steps", "12", "--warm", "3"]
 PACKED = ["--padding-free", "--shared-prompt"]  # ours: no padding, each pair's prompt once
+SELECTIVE = [*PACKED, "--selective-gc"]  # and checkpointed layers keep their products' outputs
 WORKLOADS = {
     "DPO, reference precomputed, smollm2, 64+192 varied": (["--algo", "dpo", "--precompute-ref", *SMOLLM2], PACKED),
     "ORPO, smollm2, 64+192 varied": (["--algo", "orpo", *SMOLLM2], PACKED),
+    "DPO, reference precomputed, smollm2, 64+192 varied, selective checkpointing": (
+        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], SELECTIVE),
+    "ORPO, smollm2, 64+192 varied, selective checkpointing": (["--algo", "orpo", *SMOLLM2], SELECTIVE),
     "DPO, reference precomputed, tiny, 32+96": (["--algo", "dpo", "--precompute-ref", *TINY], PACKED),
     "ORPO, tiny, 32+96": (["--algo", "orpo", *TINY], PACKED),
 }  # fmt: skip
