@@ -13,13 +13,16 @@ Memory against length (`--seq-lens`): one process per system and length, 2 steps
         -- --algo orpo --size tiny-128k --bs 1 --prompt-len 128
 
 The README's table, every workload in WORKLOADS (ours packed: padding-free, shared prompts; two rows also with
-selective checkpointing), N alternated rounds each, one command:
+selective checkpointing; two DPO rows against TRL with its adapters kept in fp32, `--trl-fp32-adapters`), N
+alternated rounds each, one command:
 
     python benchmarks/versus_trl.py --trl-python python --rounds 3 --table
 
 Flags after `--` go to both scripts (they share --algo --size --steps --warm --bs --prompt-len
 --completion-len --vary --no-4bit --no-gc --precompute-ref); `--ours="..."` adds flags for ours only
-(with `=`, as its value starts with `--`).
+(with `=`, as its value starts with `--`). `--trl-fp32-adapters` (DPO): TRL's DPO trainer with its LoRA adapters
+cast back to fp32, as ours and TRL's ORPO keep them (see trl_reference_pass.py: in bf16 they are slow on a CPU
+without native bf16).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 TRL_SCRIPT = HERE.parents[1] / "shared" / "bench" / "trl_anchor.py"
 TRL_REFERENCE_PASS = HERE / "trl_reference_pass.py"  # the script above, with TRL's reference pass timed
 
-# the README's table (--table): name -> (flags for both, flags for ours only)
+# the README's table (--table): name -> (flags for both, flags for ours only[, flags of this script for TRL's run])
 SMOLLM2 = ["--size", "smollm2", "--bs", "4", "--prompt-len", "64", "--completion-len", "192", "--vary",
            "--steps", "4", "--warm", "1"]  # fmt: skip
 TINY = ["--size", "tiny", "--bs", "4", "--prompt-len", "32", "--completion-len", "96", "--steps", "12", "--warm", "3"]
@@ -52,6 +55,10 @@ WORKLOADS = {
     "ORPO, smollm2, 64+192 varied, selective checkpointing": (["--algo", "orpo", *SMOLLM2], SELECTIVE),
     "DPO, reference precomputed, tiny, 32+96": (["--algo", "dpo", "--precompute-ref", *TINY], PACKED),
     "ORPO, tiny, 32+96": (["--algo", "orpo", *TINY], PACKED),
+    "DPO, reference precomputed, smollm2, 64+192 varied, selective checkpointing; TRL's adapters in fp32": (
+        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], SELECTIVE, ["--trl-fp32-adapters"]),
+    "DPO, reference precomputed, tiny, 32+96; TRL's adapters in fp32": (
+        ["--algo", "dpo", "--precompute-ref", *TINY], PACKED, ["--trl-fp32-adapters"]),
 }  # fmt: skip
 
 
@@ -67,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ap.add_argument("--seq-lens", default=None, help="comma list of tokens per sequence: the memory table")
     ap.add_argument("--ours", default="", help="extra flags for bench.py only, one quoted string")
     ap.add_argument("--against-ours", default=None, help="compare with bench.py under these flags: --against-ours=...")
+    ap.add_argument("--trl-fp32-adapters", action="store_true", help="DPO: TRL's adapters cast back to fp32")
     return ap.parse_args(own), common
 
 
@@ -77,8 +85,9 @@ def run(system: str, args: argparse.Namespace, flags: list[str]) -> dict:
         command = [sys.executable, str(HERE / "bench.py"), *flags, *shlex.split(args.ours)]
     elif args.against_ours is not None:  # a lever measured against ourselves
         command = [sys.executable, str(HERE / "bench.py"), *flags, *shlex.split(args.against_ours)]
-    elif "--precompute-ref" in flags:  # the same script, its reference pass timed too
-        command = [args.trl_python, str(TRL_REFERENCE_PASS), "--trl-script", args.trl_script, *flags]
+    elif "--precompute-ref" in flags or args.trl_fp32_adapters:  # the same script, its reference pass timed too
+        fp32 = ["--fp32-adapters"] if args.trl_fp32_adapters else []
+        command = [args.trl_python, str(TRL_REFERENCE_PASS), "--trl-script", args.trl_script, *fp32, *flags]
     else:
         command = [args.trl_python, args.trl_script, *flags]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
@@ -143,13 +152,18 @@ def throughput(args: argparse.Namespace, flags: list[str]) -> dict:
 
 
 def machine() -> str:
-    """The CPU model and its count of logical cores (and the GPU, when there is one)."""
-    model = "unknown CPU"
+    """The CPU model, its widest vector instructions (AVX2 or AVX-512, and native bf16: two CPUs sold under one
+    name can differ in both, and the ratios with them), its count of logical cores, and the GPU when there is one."""
+    model, vectors = "unknown CPU", ""
     if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]  # fmt: skip
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         model = names[0] if names else model
-    described = f"{model}, {os.cpu_count()} cores"
+        flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+        widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+        bf16 = {"avx512_bf16", "amx_bf16"} & flags
+        vectors = f", {widest}, " + (f"bf16 ({', '.join(sorted(bf16))})" if bf16 else "no native bf16")
+    described = f"{model}{vectors}, {os.cpu_count()} cores"
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
                          ) if shutil.which("nvidia-smi") else None  # fmt: skip
     return described + (f", {gpu.stdout.strip()}" if gpu and gpu.returncode == 0 and gpu.stdout.strip() else "")
@@ -158,10 +172,11 @@ def machine() -> str:
 def table(args: argparse.Namespace) -> dict:
     """Every workload of WORKLOADS, `args.rounds` alternated rounds each; one markdown table of the medians."""
     rows, summaries = [], {}
-    own_flags = args.ours
-    for name, (flags, ours_only) in WORKLOADS.items():
+    own_flags, trl_fp32 = args.ours, args.trl_fp32_adapters
+    for name, (flags, ours_only, *trl_only) in WORKLOADS.items():
         print(f"== {name}", flush=True)
         args.ours = shlex.join([*ours_only, *shlex.split(own_flags)])
+        args.trl_fp32_adapters = trl_fp32 or "--trl-fp32-adapters" in (trl_only[0] if trl_only else [])
         s = summaries[name] = throughput(args, flags)
         rows.append(
             f"| {name} | {s['ours_tokens_per_s']:,.1f} | {s['trl_tokens_per_s']:,.1f} | "
@@ -173,7 +188,7 @@ def table(args: argparse.Namespace) -> dict:
                 f"| {name}: the reference pass, pairs/s | | | {s['reference_ratio']:.2f} "
                 f"({s['reference_ratio_min']:.2f}, {s['reference_ratio_max']:.2f}) | |"
             )
-    args.ours = own_flags
+    args.ours, args.trl_fp32_adapters = own_flags, trl_fp32
     threads = {name: os.environ.get(name, default) for name, default in
                (("OMP_NUM_THREADS", "unset"), ("OMP_WAIT_POLICY", "PASSIVE"))}  # fmt: skip
     print(

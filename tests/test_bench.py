@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,24 @@ def test_varied_packed_run_counts_the_real_tokens_of_its_pairs():
     rows = bench.make_pairs(2 * (2 + 2), 1024, 8, 16, vary=True)  # the rows the run trained on
     assert bench.mean_pair_tokens(rows) < 2 * (8 + 16)  # varied: fewer than the fixed lengths give
     assert result["tokens_per_s"] * result["step_s"] == pytest.approx(2 * bench.mean_pair_tokens(rows))
+
+
+REFERENCE_PASS = BENCH.parent / "trl_reference_pass.py"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ANCHOR.exists(), reason="the TRL reference script is not beside this checkout")
+def test_trl_dpo_keeps_qlora_adapters_in_bf16_and_fp32_adapters_casts_them_back():
+    pytest.importorskip("trl")
+    command = [sys.executable, str(REFERENCE_PASS), "--fp32-adapters", "--algo", "dpo", "--precompute-ref",
+               "--size", "tiny", "--steps", "2", "--warm", "1", "--bs", "2", "--prompt-len", "8",
+               "--completion-len", "16"]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    adapters = [json.loads(line[len("ADAPTERS ") :]) for line in lines if line.startswith("ADAPTERS ")]
+    # tiny: 2 layers x 7 linear layers x (A, B), all made bf16 by TRL's constructor, all cast back
+    assert adapters == [{"cast_to_float32": {"torch.bfloat16": 28}}]
+    assert any(line.startswith("RESULT ") for line in lines) and any(line.startswith("REFERENCE ") for line in lines)

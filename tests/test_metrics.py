@@ -69,6 +69,13 @@ def test_train_metrics_are_means_over_the_steps_since_the_last_log(tmp_path):
     assert logged[3] == pytest.approx(torch.cat(module.seen[0:3]).mean().item(), rel=1e-6)
     assert logged[6] == pytest.approx(torch.cat(module.seen[3:6]).mean().item(), rel=1e-6)
     assert logged[3] != pytest.approx(logged[6])  # the model learnt in between: not one value repeated
+    # the last log's means are what callbacks and notebooks read, and the progress bar shows (loss, acc)
+    seen = trainer.callback_metrics
+    assert {f"train/{name}" for name in module.metric_names} <= set(seen)
+    assert seen["train/loss"].item() == seen["loss"].item() == pytest.approx(logged[6], rel=1e-6)
+    assert seen["acc"].item() == seen["train/rewards/accuracies"].item()
+    bar = trainer.progress_bar_metrics
+    assert bar["loss"] == pytest.approx(logged[6], rel=1e-6) and bar["acc"] == seen["acc"].item()
 
 
 # --- IPO: the loss on per-token means, the metrics on sums (what TRL's names mean) ---------------------------------

@@ -325,12 +325,13 @@ class PreferenceModule(L.LightningModule):
         )
         for logger in self.loggers:
             logger.log_metrics({k: v.item() for k, v in metrics.items()}, step=step)
-        for name, value in metrics.items():
-            self.log(name, value, logger=False, on_step=True, on_epoch=False)
         # short names: the progress bar truncates long ones
-        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        accuracy = metrics[f"train/{self.progress_metric}"]
-        self.log("acc", accuracy, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        shown = {"loss": metrics["train/loss"], "acc": metrics[f"train/{self.progress_metric}"]}
+        # Written where self.log would put them (callbacks and notebooks read trainer.callback_metrics; the bar
+        # reads progress_bar_metrics), not through self.log: on a CPU it costs about 0.5 ms a value (it walks each
+        # stored result to move it to the device), 7 ms a step for these 14, 8% of a tiny model's step.
+        self.trainer.callback_metrics.update({**metrics, **shown})
+        self.trainer.progress_bar_metrics.update({name: value.item() for name, value in shown.items()})
 
     def on_validation_epoch_end(self) -> None:
         if self.val_metrics.empty:
