@@ -41,24 +41,25 @@ HERE = Path(__file__).resolve().parent
 TRL_SCRIPT = HERE.parents[1] / "shared" / "bench" / "trl_anchor.py"
 TRL_REFERENCE_PASS = HERE / "trl_reference_pass.py"  # the script above, with TRL's reference pass timed
 
-# the README's table (--table): name -> (flags for both, flags for ours only[, flags of this script for TRL's run])
+# the README's table (--table): name -> (flags for both, flags for ours only, TRL's DPO adapters cast to fp32)
 SMOLLM2 = ["--size", "smollm2", "--bs", "4", "--prompt-len", "64", "--completion-len", "192", "--vary",
            "--steps", "4", "--warm", "1"]  # fmt: skip
 TINY = ["--size", "tiny", "--bs", "4", "--prompt-len", "32", "--completion-len", "96", "--steps", "12", "--warm", "3"]
 PACKED = ["--padding-free", "--shared-prompt"]  # ours: no padding, each pair's prompt once
 SELECTIVE = [*PACKED, "--selective-gc"]  # and checkpointed layers keep their products' outputs
 WORKLOADS = {
-    "DPO, reference precomputed, smollm2, 64+192 varied": (["--algo", "dpo", "--precompute-ref", *SMOLLM2], PACKED),
-    "ORPO, smollm2, 64+192 varied": (["--algo", "orpo", *SMOLLM2], PACKED),
+    "DPO, reference precomputed, smollm2, 64+192 varied": (
+        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], PACKED, False),
+    "ORPO, smollm2, 64+192 varied": (["--algo", "orpo", *SMOLLM2], PACKED, False),
     "DPO, reference precomputed, smollm2, 64+192 varied, selective checkpointing": (
-        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], SELECTIVE),
-    "ORPO, smollm2, 64+192 varied, selective checkpointing": (["--algo", "orpo", *SMOLLM2], SELECTIVE),
-    "DPO, reference precomputed, tiny, 32+96": (["--algo", "dpo", "--precompute-ref", *TINY], PACKED),
-    "ORPO, tiny, 32+96": (["--algo", "orpo", *TINY], PACKED),
+        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], SELECTIVE, False),
+    "ORPO, smollm2, 64+192 varied, selective checkpointing": (["--algo", "orpo", *SMOLLM2], SELECTIVE, False),
+    "DPO, reference precomputed, tiny, 32+96": (["--algo", "dpo", "--precompute-ref", *TINY], PACKED, False),
+    "ORPO, tiny, 32+96": (["--algo", "orpo", *TINY], PACKED, False),
     "DPO, reference precomputed, smollm2, 64+192 varied, selective checkpointing; TRL's adapters in fp32": (
-        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], SELECTIVE, ["--trl-fp32-adapters"]),
+        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], SELECTIVE, True),
     "DPO, reference precomputed, tiny, 32+96; TRL's adapters in fp32": (
-        ["--algo", "dpo", "--precompute-ref", *TINY], PACKED, ["--trl-fp32-adapters"]),
+        ["--algo", "dpo", "--precompute-ref", *TINY], PACKED, True),
 }  # fmt: skip
 
 
@@ -85,7 +86,7 @@ def run(system: str, args: argparse.Namespace, flags: list[str]) -> dict:
         command = [sys.executable, str(HERE / "bench.py"), *flags, *shlex.split(args.ours)]
     elif args.against_ours is not None:  # a lever measured against ourselves
         command = [sys.executable, str(HERE / "bench.py"), *flags, *shlex.split(args.against_ours)]
-    elif "--precompute-ref" in flags or args.trl_fp32_adapters:  # the same script, its reference pass timed too
+    elif "--precompute-ref" in flags or args.trl_fp32_adapters:  # the same script, wrapped: see trl_reference_pass
         fp32 = ["--fp32-adapters"] if args.trl_fp32_adapters else []
         command = [args.trl_python, str(TRL_REFERENCE_PASS), "--trl-script", args.trl_script, *fp32, *flags]
     else:
@@ -173,10 +174,10 @@ def table(args: argparse.Namespace) -> dict:
     """Every workload of WORKLOADS, `args.rounds` alternated rounds each; one markdown table of the medians."""
     rows, summaries = [], {}
     own_flags, trl_fp32 = args.ours, args.trl_fp32_adapters
-    for name, (flags, ours_only, *trl_only) in WORKLOADS.items():
+    for name, (flags, ours_only, fp32_adapters) in WORKLOADS.items():
         print(f"== {name}", flush=True)
         args.ours = shlex.join([*ours_only, *shlex.split(own_flags)])
-        args.trl_fp32_adapters = trl_fp32 or "--trl-fp32-adapters" in (trl_only[0] if trl_only else [])
+        args.trl_fp32_adapters = trl_fp32 or fp32_adapters
         s = summaries[name] = throughput(args, flags)
         rows.append(
             f"| {name} | {s['ours_tokens_per_s']:,.1f} | {s['trl_tokens_per_s']:,.1f} | "
