@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 _HOMES = {
     **METHODS,
     "PreferenceModule": "alignment.methods.base",
-    "PreferenceBatch": "alignment.data",
-    "PreferenceDataModule": "alignment.data",
+    "PreferenceBatch": "alignment.data.batches",
+    "PreferenceDataModule": "alignment.data.module",
 }
 __all__ = ["CPO", "DPO", "KTO", "ORPO", "SFT", "SimPO", "PreferenceBatch", "PreferenceDataModule", "PreferenceModule"]
 

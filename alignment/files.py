@@ -13,6 +13,10 @@ from typing import IO
 from alignment.errors import ConfigError
 
 ACCESS_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
+# the names of the files every layer reads: PEFT's adapter directory, and a run directory's resolved config
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT writes, newest format first
+RUN_CONFIG = "config.yaml"
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             print_help(given)
         elif not run_verb(given):  # report, compare, sweep, merge
             check_training_verb(given[0])
-            from alignment.cli import run_cli  # Lightning: only now that the verb needs it
+            from alignment.run.cli import run_cli  # Lightning: only now that the verb needs it
 
             run_cli(argv)
     except Exception as err:

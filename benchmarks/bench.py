@@ -38,7 +38,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from alignment import DPO, ORPO, PreferenceDataModule  # noqa: E402
-from alignment.reference import filled  # noqa: E402
+from alignment.methods.reference_cache import filled  # noqa: E402
 
 SIZES = {
     "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -175,7 +175,7 @@ class StepTimer(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the DPO reference pass ran in between (the module's on_fit_start): its time and the pairs it filled
         self.train_start = self._now()
-        table = getattr(pl_module, "_reference", {}).get("train")
+        table = pl_module.reference.tables.get("train") if hasattr(pl_module, "reference") else None
         self.reference_pairs = int(filled(table).sum()) if table is not None else 0
         if self.warm == 0:
             self.start = self._now()

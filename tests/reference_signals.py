@@ -14,7 +14,7 @@ class SignalInReferencePass(L.Callback):
         self.batches, self.signum = batches, signum
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        original, calls = pl_module._reference_pass, []
+        original, calls = pl_module.reference.score, []
 
         def counting(*args, **kwargs):
             result = original(*args, **kwargs)
@@ -23,4 +23,4 @@ class SignalInReferencePass(L.Callback):
                 os.kill(os.getpid(), self.signum)
             return result
 
-        pl_module._reference_pass = counting
+        pl_module.reference.score = counting

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignment import ORPO, PreferenceDataModule
-from alignment.callbacks import RunCheckpoint
+from alignment.run.callbacks import RunCheckpoint
 from tests.helpers import synthetic_pairs, write_jsonl
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from alignment import DPO, ORPO
 from alignment.methods import METHODS
-from alignment.model import load_base
+from alignment.model.load import load_base
 from alignment.usage import main
 from tests.helpers import synthetic_pairs, write_jsonl
 

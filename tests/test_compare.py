@@ -14,8 +14,8 @@ from alignment.commands.compare import (
     write_comparison,
 )
 from alignment.errors import ConfigError, DataError
-from alignment.generate import DecodeOptions, generate_ids, stop_token_ids
 from alignment.model import load_base, load_tokenizer
+from alignment.model.generate import DecodeOptions, generate_ids, stop_token_ids
 from alignment.usage import main
 from tests.demo_runs import demo_run
 from tests.helpers import write_jsonl

@@ -12,20 +12,13 @@ import logging
 import pytest
 import torch
 
-import alignment.data as data_module
-from alignment.data import (
-    DEMO_PAIRS,
-    IGNORE_INDEX,
-    PreferenceDataModule,
-    TokenizedPair,
-    build_pairs,
-    collate_pairs,
-    truncate_pair,
-)
-from alignment.encoding import render_pair, tokenize_rows
-from alignment.model import load_tokenizer
-from alignment.rows import DataError, PreferenceRow, load_rows
-from alignment.tiny import build_tiny_tokenizer
+import alignment.data.module as data_module
+from alignment.data import IGNORE_INDEX, PreferenceDataModule, TokenizedPair, collate_pairs, truncate_pair
+from alignment.data.encoding import render_pair, tokenize_rows
+from alignment.data.module import DEMO_PAIRS, build_pairs
+from alignment.data.rows import DataError, PreferenceRow, load_rows
+from alignment.hub.tiny import build_tiny_tokenizer
+from alignment.hub.tokenizer import load_tokenizer
 from tests.helpers import synthetic_pairs, write_jsonl
 
 BOS, EOS, PAD = 1, 2, 3
@@ -276,12 +269,12 @@ def test_build_pairs_logs_cut_prompts_and_answers(tokenizer, caplog):
         PreferenceRow("a", "abcdefgh", "b"),  # chosen cut
         PreferenceRow("a", "b", "c"),  # fits
     ]
-    with caplog.at_level(logging.INFO, logger="alignment.data"):
+    with caplog.at_level(logging.INFO, logger="alignment.data.module"):
         pairs = build(rows, tokenizer, max_length=7, max_prompt_length=4)
     assert len(pairs) == 4
     assert [len(p.prompt_ids) for p in pairs] == [4, 4, 2, 2]
     assert [len(p.chosen_ids) for p in pairs] == [2, 3, 5, 2]
-    messages = [r.getMessage() for r in caplog.records if r.name == "alignment.data"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "alignment.data.module"]
     expected = "train: 4 pairs; 2 prompts cut to max_prompt_length=4 (their start and end kept), 2 pairs with answers"
     assert f"{expected} cut to max_length=7" in messages
 
@@ -292,7 +285,7 @@ def test_build_pairs_warns_about_dropped_pairs_naming_the_first(tokenizer, caplo
         PreferenceRow("abcdef", "b", "c", source="f.jsonl, line 2"),
         PreferenceRow("abcdefg", "b", "c", source="f.jsonl, line 3"),
     ]
-    with caplog.at_level(logging.INFO, logger="alignment.data"):
+    with caplog.at_level(logging.INFO, logger="alignment.data.module"):
         pairs = build(rows, tokenizer, max_length=5, split="validation")
     assert len(pairs) == 1 and pairs[0].index == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -304,7 +297,7 @@ def test_build_pairs_warns_about_dropped_pairs_naming_the_first(tokenizer, caplo
 
 def test_build_pairs_warns_about_identical_answers_after_truncation(tokenizer, caplog):
     rows = [PreferenceRow("a", "abcX", "abcY"), PreferenceRow("a", "b", "c")]
-    with caplog.at_level(logging.WARNING, logger="alignment.data"):
+    with caplog.at_level(logging.WARNING, logger="alignment.data.module"):
         pairs = build(rows, tokenizer, max_length=5)
     assert pairs[0].chosen_ids == pairs[0].rejected_ids == [A, B, C]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -312,7 +305,7 @@ def test_build_pairs_warns_about_identical_answers_after_truncation(tokenizer, c
 
 
 def test_build_pairs_quiet_when_nothing_is_wrong(tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="alignment.data"):
+    with caplog.at_level(logging.WARNING, logger="alignment.data.module"):
         build([PreferenceRow("a", "b", "c")], tokenizer)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -486,7 +479,7 @@ def test_a_chat_template_that_rejects_a_conversation_names_the_row(tokenizer):
 
 def test_val_split_on_a_local_file_falls_back_to_a_held_out_fraction(tmp_path, caplog):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(20, seed=0))
-    with caplog.at_level(logging.WARNING, logger="alignment.data"):
+    with caplog.at_level(logging.WARNING, logger="alignment.data.module"):
         module = PreferenceDataModule(str(pairs), val_split="test_prefs", val_fraction=0.25, max_length=64)
     assert "val_split 'test_prefs' ignored" in caplog.text
     module.setup()

@@ -8,7 +8,7 @@ import wandb
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from alignment import ORPO, PreferenceDataModule
-from alignment.generations import COLUMNS, SampleGenerations
+from alignment.run.generations import COLUMNS, SampleGenerations
 from alignment.usage import main
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 import transformers
 
-from alignment import DPO, ORPO, heads
-from alignment.heads import lean_disagreement, plain_head_weight
+from alignment import DPO, ORPO
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
-from alignment.model import load_base
+from alignment.model import heads
+from alignment.model.heads import lean_disagreement, plain_head_weight
+from alignment.model.load import load_base
 from tests.helpers import literal_batch
 
 SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -94,7 +95,7 @@ def test_a_head_with_a_bias_or_trained_is_not_plain():
 @pytest.fixture(scope="module")
 def granite_dir(tmp_path_factory):
     """A 2-layer Granite with random weights (logits divided by 8) and the tiny byte tokenizer, saved locally."""
-    from alignment.tiny import build_tiny_tokenizer
+    from alignment.hub.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     config = transformers.GraniteConfig(**{**SMALL, "vocab_size": len(tokenizer)}, logits_scaling=8.0,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alignment import DPO, ORPO
-from alignment.model import load_base
+from alignment.model.load import load_base
 from tests.helpers import PAIR_METHODS, literal_batch
 
 

@@ -14,7 +14,7 @@ import torch
 from alignment import DPO, KTO, PreferenceDataModule
 from alignment.data import IGNORE_INDEX, TokenizedUnpaired, collate_unpaired
 from alignment.errors import ConfigError
-from alignment.losses_kto import kto_kl_estimate, kto_loss, weights_advice
+from alignment.losses.kto import kto_kl_estimate, kto_loss, weights_advice
 from alignment.methods import METHODS
 from alignment.methods.kto import kto_metrics
 from tests.helpers import SignalAtStep, synthetic_pairs, write_jsonl

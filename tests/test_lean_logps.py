@@ -10,7 +10,7 @@ import torch
 
 from alignment import DPO, ORPO
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
-from alignment.model import add_lora, load_base
+from alignment.model.load import add_lora, load_base
 from tests.helpers import literal_batch
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-5}

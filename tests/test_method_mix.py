@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import alignment  # noqa: E402
 from alignment.commands.report import AXIS_LABELS, PLOTTED, metric_figure, read_curves  # noqa: E402
 from alignment.methods import METHODS  # noqa: E402
-from alignment.rundir import RunDir  # noqa: E402
+from alignment.run.rundir import RunDir  # noqa: E402
 from alignment.usage import main  # noqa: E402
 from tests.helpers import write_jsonl  # noqa: E402
 

@@ -87,7 +87,7 @@ class LiteralPolicy(DPO):
     def __init__(self, policy_sums: torch.Tensor, reference_table: torch.Tensor, **kwargs):
         super().__init__(**kwargs)
         self.policy_sums, self.forwards = policy_sums, []
-        self._reference = {"train": reference_table}
+        self.reference.tables = {"train": reference_table}
 
     def sequence_logps(self, batch, *, average):
         self.forwards.append(average)
@@ -151,7 +151,7 @@ def test_ipo_metrics_on_the_tiny_model_are_those_of_sums(cached):
         reference = sums()
     tokens = (labels != -100).sum(-1)
     if cached:
-        module._reference = {"train": torch.stack([*reference.chunk(2), *tokens.float().chunk(2)], dim=1)}
+        module.reference.tables = {"train": torch.stack([*reference.chunk(2), *tokens.float().chunk(2)], dim=1)}
     loss, metrics = module.compute_loss(batch, "train")
 
     (pc, pr), (rc, rr) = policy.chunk(2), reference.chunk(2)

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from alignment.model import CPU_PACKING_FLAG, ModelLoadError, add_lora, load_base, load_tokenizer
-from alignment.tiny import build_tiny_model
+from alignment.hub.tiny import build_tiny_model
+from alignment.hub.tokenizer import load_tokenizer
+from alignment.model.load import CPU_PACKING_FLAG, ModelLoadError, add_lora, load_base
 from tests.helpers import literal_batch
 
 
@@ -102,5 +103,5 @@ def test_a_bitsandbytes_without_the_cpu_kernel_switch_fails_loudly(monkeypatch):
     with pytest.raises(RuntimeError, match=f"Linear4bit has no '{CPU_PACKING_FLAG}'"):
         load_base("tiny", load_in_4bit=True)
     # before 0.49 there is no packed CPU kernel and no switch: nothing to do, no error
-    monkeypatch.setattr("alignment.model._version", lambda package: "0.48.0")
+    monkeypatch.setattr("alignment.model.load._version", lambda package: "0.48.0")
     assert load_base("tiny", load_in_4bit=True) is not None

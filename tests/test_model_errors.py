@@ -78,7 +78,7 @@ def test_paths_and_hub_names_are_told_apart():
 def test_gguf_without_its_package_says_how_to_install(monkeypatch, tmp_path):
     import importlib.metadata
 
-    from alignment import gguf
+    from alignment.hub import gguf
 
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)

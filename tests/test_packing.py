@@ -13,13 +13,13 @@ import torch
 from transformers.masking_utils import sdpa_mask
 
 import alignment
-from alignment import packing
 from alignment.data import IGNORE_INDEX, TokenizedPair, TokenizedUnpaired, collate_pairs, collate_unpaired
 from alignment.errors import ConfigError
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
 from alignment.methods import METHODS
-from alignment.model import add_lora, load_base
-from alignment.packing import (
+from alignment.model import packing
+from alignment.model.load import add_lora, load_base
+from alignment.model.packing import (
     PACKED_ATTENTION,
     pack_rows,
     pack_shared_prompts,

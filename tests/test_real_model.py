@@ -22,14 +22,14 @@ import pytest
 import torch
 
 import alignment
-from alignment.cli import run_cli
 from alignment.data import TokenizedPair, collate_pairs
-from alignment.encoding import render_pair, tokenize_rows
+from alignment.data.encoding import render_pair, tokenize_rows
+from alignment.data.rows import load_rows
 from alignment.errors import ModelLoadError
-from alignment.gguf import packaged_file
 from alignment.hub import resolve_base
-from alignment.model import load_tokenizer
-from alignment.rows import load_rows
+from alignment.hub.gguf import packaged_file
+from alignment.hub.tokenizer import load_tokenizer
+from alignment.run.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "smollm2-135m-instruct"

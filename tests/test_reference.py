@@ -14,7 +14,8 @@ import torch
 from peft import PeftModel
 
 from alignment import DPO, PreferenceDataModule
-from alignment.reference import ReferenceCache, _checksum, fingerprint, pairs_read_by_steps
+from alignment.methods.reference import ReferenceScorer
+from alignment.methods.reference_cache import ReferenceCache, _checksum, fingerprint, pairs_read_by_steps
 from tests.helpers import synthetic_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,17 +62,18 @@ def entries(cache_dir):
 def test_cached_reference_gives_the_live_losses_and_gradients(pairs_file, tmp_path, loss_type):
     module, data = fit(pairs_file, tmp_path / "cache", loss_type=loss_type)  # the policy has moved off the base
     module.on_fit_start()  # loads the entry the fit wrote
-    assert set(module._reference) == {"train", "validation"}
+    assert set(module.reference.tables) == {"train", "validation"}
     batch = next(iter(data.train_dataloader()))
     results = []
     for cached in (True, False):
-        tables, module._reference = module._reference, (module._reference if cached else {})
+        tables = module.reference.tables
+        module.reference.tables = tables if cached else {}
         module.zero_grad()
         loss, metrics = module.compute_loss(batch)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
         results.append((loss.detach(), metrics, grads))
-        module._reference = tables
+        module.reference.tables = tables
     (cached_loss, cached_metrics, cached_grads), (live_loss, live_metrics, live_grads) = results
     assert cached_metrics["rewards/margins"].abs().max() > 1e-3  # rewards are not trivially zero
     # fp32 on CPU: the pass batches pairs by length, training batches them at random; padding changes the sums'
@@ -233,7 +235,7 @@ def test_pairs_read_by_steps_follow_the_sampler_epochs_and_accumulation():
 
 def test_a_signal_during_the_pass_keeps_the_rows_computed_and_stops_cleanly(pairs_file, tmp_path, reference_forwards,
                                                                             monkeypatch):  # fmt: skip
-    original = DPO._reference_pass
+    original = ReferenceScorer.score
 
     def signalled(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
@@ -241,14 +243,14 @@ def test_a_signal_during_the_pass_keeps_the_rows_computed_and_stops_cleanly(pair
             os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    monkeypatch.setattr(DPO, "_reference_pass", signalled)
+    monkeypatch.setattr(ReferenceScorer, "score", signalled)
     with pytest.raises(SystemExit) as stop:
         fit(pairs_file, tmp_path / "cache", steps=5)  # a full pass: 9 train pairs, 3 validation, 2 per forward
     assert stop.value.code == 143 and len(reference_forwards) == 2
     masks = entry_masks(tmp_path / "cache")
     assert int(masks["train"].sum()) == 4 and not masks["validation"].any()  # the two batches done are kept
 
-    monkeypatch.setattr(DPO, "_reference_pass", original)
+    monkeypatch.setattr(ReferenceScorer, "score", original)
     reference_forwards.clear()
     fit(pairs_file, tmp_path / "cache", steps=5)
     assert len(reference_forwards) == 3 + 2  # the other 5 train pairs and the validation pairs
@@ -278,7 +280,7 @@ def test_an_entry_of_the_first_format_is_read(pairs_file, tmp_path, reference_fo
     (entry,) = entries(tmp_path / "cache")
     tables = torch.load(entry, weights_only=True)["tables"]
     digests = {split: data.digest(split) for split in ("train", "validation")}
-    old_key = fingerprint({**module._reference_identity(), "format": 1, "pairs": digests})
+    old_key = fingerprint({**module.reference.identity(), "format": 1, "pairs": digests})
     old = {"version": 1, "fingerprint": old_key, "meta": {}, "tables": tables, "checksum": _checksum(tables)}
     torch.save(old, tmp_path / "cache" / f"{old_key}.pt")
     entry.unlink()

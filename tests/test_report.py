@@ -18,7 +18,7 @@ from alignment.commands.report import (  # noqa: E402
     run_labels,
 )
 from alignment.errors import DataError  # noqa: E402
-from alignment.rundir import RunDir  # noqa: E402
+from alignment.run.rundir import RunDir  # noqa: E402
 from alignment.usage import main  # noqa: E402
 from tests.demo_runs import demo_run  # noqa: E402
 

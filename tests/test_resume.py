@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from alignment import DPO, ORPO, PreferenceDataModule
-from alignment.callbacks import RunCheckpoint
 from alignment.errors import ConfigError
 from alignment.methods import METHODS
-from alignment.resume import AtomicCheckpointIO
+from alignment.run.callbacks import RunCheckpoint
+from alignment.run.resume import AtomicCheckpointIO, ExactResume
 from tests.helpers import PAIR_METHODS, CrashAtStep, SignalAtStep, synthetic_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,8 @@ def run(cls, pairs, root, *, max_steps, ckpt_path=None, extra_callbacks=(), ever
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=3, max_steps=max_steps, accumulate_grad_batches=2, logger=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-        plugins=[AtomicCheckpointIO()], callbacks=[checkpoints, *extra_callbacks], num_sanity_val_steps=2,
+        plugins=[AtomicCheckpointIO()], callbacks=[checkpoints, ExactResume(), *extra_callbacks],
+        num_sanity_val_steps=2,
     )  # fmt: skip
     trainer.fit(module, data, ckpt_path=ckpt_path)
     adapters = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}

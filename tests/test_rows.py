@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from alignment.rows import DataError, PreferenceRow, load_rows
+from alignment.data.rows import DataError, PreferenceRow, load_rows
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 USER = {"role": "user", "content": "What is 2 + 2?"}
@@ -349,7 +349,7 @@ def test_identical_chosen_and_rejected_are_kept_with_one_warning(tmp_path: Path,
     same = {**PAIR, "rejected": "4"}
     same_messages = {"prompt": "q", "chosen": [USER, GOOD], "rejected": [USER, GOOD]}
     path = write_jsonl(tmp_path, [PAIR, same, same_messages])
-    with caplog.at_level(logging.WARNING, logger="alignment.rows"):
+    with caplog.at_level(logging.WARNING, logger="alignment.data.rows"):
         rows = load_rows(str(path))
     assert len(rows) == 3
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

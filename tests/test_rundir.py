@@ -19,9 +19,9 @@ import yaml
 from safetensors.torch import load_file
 
 from alignment.errors import RunDirError
-from alignment.resume import checkpoint_step
-from alignment.rundir import LOCK_FILE, lock_run, release_runs
-from alignment.tiny import build_tiny_model
+from alignment.hub.tiny import build_tiny_model
+from alignment.run.resume import checkpoint_step
+from alignment.run.rundir import LOCK_FILE, lock_run, release_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["--config", "demo.yaml", "--trainer.enable_progress_bar", "false"]
@@ -226,7 +226,7 @@ def test_a_signal_on_an_epochs_last_step_stops_without_that_epochs_validation(tm
 
 def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from pathlib import Path; from alignment.rundir import lock_run; "
+        [sys.executable, "-c", f"from pathlib import Path; from alignment.run.rundir import lock_run; "
          f"lock = lock_run(Path({str(tmp_path)!r})); print('locked', flush=True); import time; time.sleep(600)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -3,7 +3,7 @@
 import pytest
 from torch.utils.data import DistributedSampler
 
-from alignment.samplers import MEGABATCH, PairBatchSampler, ShardSampler
+from alignment.data.samplers import MEGABATCH, PairBatchSampler, ShardSampler
 
 
 def epoch(sampler: PairBatchSampler, number: int = 0) -> list[list[int]]:

@@ -17,10 +17,10 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from alignment import DPO, ORPO, PreferenceDataModule
-from alignment.callbacks import RunCheckpoint
 from alignment.errors import ConfigError
-from alignment.model import REFERENCE_ADAPTER, load_base
-from alignment.resume import AtomicCheckpointIO
+from alignment.model.load import REFERENCE_ADAPTER, load_base
+from alignment.run.callbacks import RunCheckpoint
+from alignment.run.resume import AtomicCheckpointIO, ExactResume
 from tests.helpers import SignalAtStep, synthetic_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def fit(cls, pairs, root, *, max_steps, ckpt_path=None, callbacks=(), **model):
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=3, max_steps=max_steps, accumulate_grad_batches=2, logger=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-        plugins=[AtomicCheckpointIO()], callbacks=[checkpoints, *callbacks], num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()], callbacks=[checkpoints, ExactResume(), *callbacks], num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer, module
@@ -148,13 +148,13 @@ def test_the_reference_cache_of_the_bare_base_is_never_read_for_an_adapter(train
     shutil.copytree(trained, other)
     weights = load_file(other / "adapter_model.safetensors")
     save_file({k: v * 0.5 for k, v in weights.items()}, other / "adapter_model.safetensors")
-    entries = [torch.load(tmp_path / "bare" / "cache" / f"{bare._reference_key}.pt", weights_only=True)]
+    entries = [torch.load(tmp_path / "bare" / "cache" / f"{bare.reference.key}.pt", weights_only=True)]
     for adapter in (trained, other):
         root = tmp_path / adapter.name
         shutil.copytree(tmp_path / "bare" / "cache", root / "cache")  # the bare base's entry is there
         _, module = fit(DPO, pairs, root, max_steps=1, adapter=str(adapter))
         assert len(list((root / "cache").glob("*.pt"))) == 2  # its own entry beside the bare base's
-        entries.append(torch.load(root / "cache" / f"{module._reference_key}.pt", weights_only=True))
+        entries.append(torch.load(root / "cache" / f"{module.reference.key}.pt", weights_only=True))
     assert len({entry["fingerprint"] for entry in entries}) == 3
     bare_rows, adapter_rows = (entry["tables"]["train"] for entry in entries[:2])
     both = entries[0]["filled"]["train"] & entries[1]["filled"]["train"]  # the same pairs: one step's

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from alignment.data import cut_prompt, truncate_pair
-from alignment.encoding import adds_bos, render_pair, tokenize_rows
-from alignment.rows import PreferenceRow
+from alignment.data.encoding import adds_bos, render_pair, tokenize_rows
+from alignment.data.rows import PreferenceRow
 from tests.real_tokenizers import llama3_style, sentencepiece_llama
 
 

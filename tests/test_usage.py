@@ -14,7 +14,7 @@ import pytest
 
 from alignment.errors import ConfigError
 from alignment.files import check_writable
-from alignment.parser import check_wandb_login
+from alignment.run.parser import check_wandb_login
 from tests.test_cli import ROOT, run_cli
 
 VERBS = ["fit", "validate", "report", "compare", "sweep", "merge"]
@@ -38,7 +38,7 @@ def test_help_lists_every_verb_and_no_test_or_predict():
 
 
 def test_lightning_parser_offers_fit_and_validate_only(capsys, monkeypatch):
-    from alignment.cli import run_cli as lightning_cli
+    from alignment.run.cli import run_cli as lightning_cli
 
     monkeypatch.setattr(sys, "argv", ["cli.py"])
     with pytest.raises(SystemExit) as done:

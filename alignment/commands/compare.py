@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.commands.tables import html_table, markdown_table, visible
-from alignment.encoding import prompt_ids
+from alignment.data.encoding import prompt_ids
+from alignment.data.rows import PreferenceRow, _read_records
 from alignment.errors import ConfigError, DataError
-from alignment.generate import DecodeOptions, generate_ids, stop_token_ids
-from alignment.rows import PreferenceRow, _read_records
-from alignment.rundir import adapter_dir, base_of, run_of_adapter
+from alignment.model.generate import DecodeOptions, generate_ids, stop_token_ids
+from alignment.run.rundir import adapter_dir, base_of, run_of_adapter
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def load_models(
     """One copy of the base, with every adapter loaded onto it under its name (a PeftModel when there are any)."""
     from peft import PeftModel
 
-    from alignment.model import load_base
+    from alignment.model.load import load_base
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as training's compute_dtype "auto"
@@ -209,7 +209,7 @@ def run_compare(
 
     Unset settings come from the first adapter's run (its config.yaml): base, revision, 4-bit, chat template.
     """
-    from alignment.model import load_tokenizer
+    from alignment.hub.tokenizer import load_tokenizer
 
     decode = decode or DecodeOptions()
     if batch_size < 1 or ngram < 1:

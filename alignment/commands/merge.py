@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from alignment.errors import ConfigError
-from alignment.rundir import adapter_dir, base_of
+from alignment.run.rundir import adapter_dir, base_of
 
 log = logging.getLogger(__name__)
 

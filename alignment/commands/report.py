@@ -11,7 +11,7 @@ import pandas as pd
 
 from alignment.commands.tables import markdown_table
 from alignment.errors import DataError
-from alignment.rundir import RunDir, open_run
+from alignment.run.rundir import RunDir, open_run
 
 log = logging.getLogger(__name__)
 

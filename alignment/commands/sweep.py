@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from alignment.commands.report import read_curves
 from alignment.commands.tables import markdown_table, write_csv
 from alignment.errors import ConfigError, DataError
-from alignment.rundir import ADAPTER_FILE, RunDir
+from alignment.files import ADAPTER_CONFIG
+from alignment.run.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def _value_text(value: str) -> str:
 def check_settings(config: str, fit_args: list[str], combos: list[dict[str, str]]) -> None:
     """Parse each value of each key with the fit parser before anything trains: an unknown key or a value of the
     wrong type fails here, naming the --grid key, instead of in the middle of the sweep."""
-    from alignment.cli import run_cli
+    from alignment.run.cli import run_cli
 
     for flag in fit_args:
         if flag.removeprefix("--").split("=", 1)[0] in RESERVED:
@@ -171,7 +172,7 @@ def is_finished(run: SweepRun, config_hash: str) -> bool:
     """The child exited 0 with these exact arguments and config, and left an adapter and a last checkpoint."""
     marker = _read_marker(run)
     same = marker.get("args") == run.args and marker.get("config_sha256") == config_hash
-    files = (run.path / "adapter" / ADAPTER_FILE).is_file() and RunDir(run.path).last_checkpoint.is_file()
+    files = (run.path / "adapter" / ADAPTER_CONFIG).is_file() and RunDir(run.path).last_checkpoint.is_file()
     return same and marker.get("status") == "finished" and files
 
 
@@ -190,7 +191,7 @@ def fit_in_child(run: SweepRun, config_hash: str) -> int:
     # a run whose arguments or config changed, or that stopped before its first checkpoint, starts over
     command += ["--ckpt_path", "last"] if resume else ["--overwrite", "true"]
     env = os.environ.copy()  # the child imports this same package, wherever the sweep is started from
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     with open(run.path / "fit.log", "a" if resume else "w") as output:
         child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
         try:

@@ -7,7 +7,6 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -18,10 +17,12 @@ from transformers import get_scheduler
 
 from alignment.data import IGNORE_INDEX, DataKind, PreferenceBatch, PreferenceDataModule, Split
 from alignment.errors import ConfigError
-from alignment.heads import lean_disagreement, plain_head_weight
+from alignment.hub.tiny import TINY
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
+from alignment.methods.reference_cache import adapter_identity
 from alignment.metrics import MeanTracker
-from alignment.model import (
+from alignment.model.heads import lean_disagreement, plain_head_weight
+from alignment.model.load import (
     POLICY_ADAPTER,
     REFERENCE_ADAPTER,
     adapter_weights,
@@ -30,10 +31,7 @@ from alignment.model import (
     load_lora,
     read_adapter,
 )
-from alignment.packing import pack_rows, pack_shared_prompts, packed_sequence_logps
-from alignment.reference import adapter_identity
-from alignment.resume import ExactResume
-from alignment.tiny import TINY
+from alignment.model.packing import pack_rows, pack_shared_prompts, packed_sequence_logps
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -71,7 +69,7 @@ class PreferenceModule(L.LightningModule):
         lora_target_modules: "all-linear" or a list of module names (e.g. [q_proj, v_proj]).
         gradient_checkpointing: recompute activations in backward (less memory, ~1/3 more compute); "selective":
             keep the outputs of the base's matrix products and of attention, recompute only the rest (memory
-            between the two, compute near no checkpointing; `alignment.model.selective_checkpointing`).
+            between the two, compute near no checkpointing; `alignment.model.load.selective_checkpointing`).
         learning_rate: peak learning rate of the adapters (after warmup).
         weight_decay: AdamW's decoupled weight decay on the adapters.
         lr_scheduler: cosine or linear decay to 0 (or constant) after `warmup_ratio` / `warmup_steps`.
@@ -84,7 +82,7 @@ class PreferenceModule(L.LightningModule):
             (never the (2B, T, V) logits); false: full logits, then `sequence_logps` (the plain path).
         logits_chunk_size: answer tokens whose logits exist at once on the lean path; None: about 2**25 logits.
         padding_free: pack the batch's sequences into one row (positions restarting per sequence, attention kept
-            within each): no compute on padding; the log-probs equal the padded forward's (`alignment.packing`).
+            within each): no compute on padding; the log-probs equal the padded forward's (`alignment.model.packing`).
         shared_prompt: with padding_free, each pair's prompt packed once, both its answers attending to it: fewer
             tokens, the same log-probs (methods trained on pairs: DPO, ORPO, SimPO, CPO; needs sdpa attention).
     """
@@ -150,11 +148,6 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:  # Lightning may call this more than once
             return
         hp = self.hparams
-        callbacks = self.trainer.callbacks if self.attached else []
-        for replaced in filter(None, (getattr(c, "adapter_dir", None) for c in callbacks)):  # where the run saves one
-            _check(hp.adapter is None or not Path(hp.adapter).resolve().is_relative_to(Path(replaced).resolve()),
-                   f"--model.adapter {hp.adapter} is where this run saves its own adapter ({replaced}): copy it "
-                   "elsewhere, or train in another --trainer.default_root_dir")  # fmt: skip
         device = self.trainer.strategy.root_device if self.attached else torch.device("cpu")
         dtype = hp.compute_dtype
         if dtype == "auto":
@@ -244,7 +237,8 @@ class PreferenceModule(L.LightningModule):
     def _lean_head_weight(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                           labels: Tensor | None = None) -> Tensor | None:  # fmt: skip
         """The LM head's weight (V, H) when the lean path applies: on, an architecture known to have a plain head,
-        and (checked once, on the first rows given) the same log-probs as the full-logits path; see alignment.heads."""
+        and (checked once, on the first rows given) the same log-probs as the full-logits path; see
+        alignment.model.heads."""
         if not self.hparams.lean_logps or self._lean_refused:
             return None
         model = self.policy.get_base_model()
@@ -346,9 +340,6 @@ class PreferenceModule(L.LightningModule):
         accuracy = metrics[f"val/{self.progress_metric}"]
         self.log("val_acc", accuracy, prog_bar=True, logger=False, on_step=False, on_epoch=True, sync_dist=True)
 
-    def configure_callbacks(self) -> list[L.Callback]:
-        return [ExactResume()]  # the RNG state and the run's identity in each checkpoint, checked on resume
-
     # ---- adapter-only checkpoints -------------------------------------------------------------------------------
 
     def _adapter_keys(self) -> set[str]:
@@ -360,7 +351,7 @@ class PreferenceModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # before the weights load (a LoRA rank that differs would fail there, naming no setting); the rest of the
-        # resume check is ExactResume's
+        # resume check is the run's (alignment.run.resume.ExactResume)
         stored = {k: v.shape for k, v in checkpoint["state_dict"].items()
                   if not k.startswith(("train_metrics.", "val_metrics."))}  # fmt: skip
         expected = {name: p.shape for name, p in self.named_parameters() if p.requires_grad}

@@ -1,5 +1,5 @@
 """KTO: alignment from answers labelled desirable or undesirable, no pairs needed; the reference's log-probs come
-from DPO's cache."""
+from the reference scorer, as DPO's."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from alignment.data import PreferenceDataModule, UnpairedBatch
-from alignment.losses_kto import kto_kl_estimate, kto_loss, weights_advice
+from alignment.losses.kto import kto_kl_estimate, kto_loss, weights_advice
 from alignment.methods.base import PreferenceModule, Split, _check
-from alignment.methods.dpo import DPO
+from alignment.methods.reference import ReferenceScorer
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class KTO(PreferenceModule):
     desirable (chosen) and an undesirable (rejected) example. Each example also carries another example's
     completion to its prompt: the mismatched pairs of a batch estimate the KL reference point z_0, averaged over
     processes, clamped at 0 and detached, as in TRL's KTOTrainer. The reference log-probs of the completions and of
-    the mismatched pairs come from the reference cache, computed once as DPO's are.
+    the mismatched pairs come from the reference cache, computed once as DPO's are (`alignment.methods.reference`).
 
     Logged under TRL's KTO names: `kl` (z_0), `rewards/chosen` and `logps/chosen` (beta * (policy - reference), and
     the policy's log-prob, summed over tokens, of the desirable examples), the same `/rejected` for the undesirable
@@ -58,17 +58,8 @@ class KTO(PreferenceModule):
         _check(desirable_weight > 0, f"--model.desirable_weight must be > 0, got {desirable_weight}")
         _check(undesirable_weight > 0, f"--model.undesirable_weight must be > 0, got {undesirable_weight}")
         super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records these too
-        self._reference: dict[str, Tensor] = {}  # split -> (N, 4): completion and KL completion logps, token counts
-        self._reference_key: str | None = None
-        self._rows_added: dict[str, list[Tensor]] = {}
-
-    # the reference cache is DPO's, its two answers a completion and the mismatched KL completion
-    reference_logps = DPO.reference_logps
-    _compute_rows = DPO._compute_rows
-    on_fit_end = DPO.on_fit_end
-    _save_rows_added = DPO._save_rows_added
-    _reference_identity = DPO._reference_identity
-    _reference_pass = DPO._reference_pass
+        # its two answer rows per item: the completion and the mismatched KL completion
+        self.reference = ReferenceScorer(self, cache=reference_cache, cache_dir=reference_cache_dir)
 
     def compute_loss(self, batch: UnpairedBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
         hp, size = self.hparams, len(batch.index)
@@ -76,7 +67,7 @@ class KTO(PreferenceModule):
         policy_logps = self.row_logps(ids[:size], mask[:size], labels[:size], average=False)  # (B,) sums
         with torch.no_grad():  # the KL term is detached: no backward through the mismatched pairs
             policy_kl_logps = self.row_logps(ids[size:], mask[size:], labels[size:], average=False)
-        reference_logps, reference_kl_logps = self.reference_logps(batch, average=False, split=split)
+        reference_logps, reference_kl_logps = self.reference.logps(batch, average=False, split=split)
         kl = kto_kl_estimate(policy_kl_logps, reference_kl_logps)
         if self.attached and self.trainer.world_size > 1:  # one z_0 for the global batch, as TRL's
             kl = self.trainer.strategy.reduce(kl, reduce_op="mean")
@@ -87,7 +78,7 @@ class KTO(PreferenceModule):
         return losses.mean(), kto_metrics(losses, rewards, policy_logps, batch.desirable, z_0, hp.beta)
 
     def on_fit_start(self) -> None:
-        DPO.on_fit_start(self)
+        self.reference.prepare()
         datamodule = self.trainer.datamodule
         train = datamodule.items("train") if isinstance(datamodule, PreferenceDataModule) else None
         if self.trainer.is_global_zero and train is not None:
@@ -96,6 +87,9 @@ class KTO(PreferenceModule):
             advice = weights_advice(desirable, len(train) - desirable, hp.desirable_weight, hp.undesirable_weight)
             if advice:
                 log.warning(advice)
+
+    def on_fit_end(self) -> None:
+        self.reference.finish()
 
 
 def kto_metrics(

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from alignment.errors import ConfigError, RunDirError
 from alignment.files import atomic_write
-from alignment.rundir import write_error
+from alignment.run.rundir import write_error
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
+from alignment.data.rows import FIELDS
 from alignment.errors import ConfigError
 from alignment.files import check_writable
-from alignment.rows import FIELDS
 
 COLUMNS_HINT = (
     f"expected a mapping of field ({', '.join(FIELDS)}) to the data's column, "

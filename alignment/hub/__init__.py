@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 
 from alignment.errors import ModelLoadError
 from alignment.files import cache_dir
-from alignment.gguf import gguf_source, is_gguf
-from alignment.tiny import TINY, build_tiny_model
+from alignment.hub.gguf import gguf_source, is_gguf
+from alignment.hub.tiny import TINY, build_tiny_model
 
 
 def resolve_base(base: str, revision: str | None = None) -> str:

@@ -12,16 +12,16 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
-from alignment.callbacks import RunCheckpoint
 from alignment.data import PreferenceDataModule, usable_val_split
 from alignment.errors import ConfigError, RunDirError, RunFinished
 from alignment.files import atomic_write
-from alignment.generations import SampleGenerations
 from alignment.hub import resolve_base
 from alignment.methods.base import PreferenceModule
-from alignment.parser import AlignmentParser
-from alignment.resume import AtomicCheckpointIO, RunCSVLogger, checkpoint_step
-from alignment.rundir import clear_run, holds_run, lock_run, release_runs, write_error
+from alignment.run.callbacks import RunCheckpoint
+from alignment.run.generations import SampleGenerations
+from alignment.run.parser import AlignmentParser
+from alignment.run.resume import AtomicCheckpointIO, ExactResume, RunCSVLogger, checkpoint_step
+from alignment.run.rundir import clear_run, holds_run, lock_run, release_runs, write_error
 
 SUBCOMMANDS = ("fit", "validate")  # LightningCLI's; alignment.usage describes them in --help
 __all__ = ["SUBCOMMANDS", "AlignmentCLI", "run_cli"]
@@ -125,10 +125,11 @@ class AlignmentCLI(LightningCLI):
         if config.get("logger") in (None, True):
             # validate, test and predict print their results and leave the run directory alone
             kwargs["logger"] = self._run_loggers(root, subcommand_config) if fitting else False
-        if not fitting:
-            return super().instantiate_trainer(**kwargs)
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        callbacks.append(ExactResume())  # the RNG state and the run's identity in each checkpoint, checked on resume
+        if not fitting:
+            return super().instantiate_trainer(callbacks=callbacks, **kwargs)
         if subcommand_config.get("wandb"):
             callbacks.append(SampleGenerations())  # a table of answers to fixed validation prompts
         # save_top_k=1: Lightning only refreshes last.ckpt when it saves a regular checkpoint too; checkpoints

@@ -15,8 +15,7 @@ from typing import IO, Any
 import yaml
 
 from alignment.errors import ConfigError, RunDirError
-
-ADAPTER_FILE = "adapter_config.json"
+from alignment.files import ADAPTER_CONFIG, RUN_CONFIG
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class RunDir:
 
     def config(self) -> dict[str, Any]:
         """The resolved config the run was trained with ({} when the directory has none)."""
-        file = self.path / "config.yaml"
+        file = self.path / RUN_CONFIG
         if not file.is_file():
             return {}
         try:
@@ -67,12 +66,12 @@ def open_run(path: str | Path) -> RunDir:
 def adapter_dir(path: str | Path) -> Path:
     """The PEFT adapter of a run directory (RUN/adapter), or `path` itself when it is an adapter directory."""
     given = Path(path)
-    if (given / ADAPTER_FILE).is_file():
+    if (given / ADAPTER_CONFIG).is_file():
         return given
     run = open_run(given)
-    if not (run.adapter / ADAPTER_FILE).is_file():
+    if not (run.adapter / ADAPTER_CONFIG).is_file():
         raise ConfigError(
-            f"{run.path} holds no adapter ({run.adapter / ADAPTER_FILE} is missing): the run has not finished "
+            f"{run.path} holds no adapter ({run.adapter / ADAPTER_CONFIG} is missing): the run has not finished "
             "training, or it is not a run directory"
         )
     return run.adapter
@@ -81,7 +80,7 @@ def adapter_dir(path: str | Path) -> Path:
 def run_of_adapter(adapter: Path) -> RunDir | None:
     """The run an adapter directory was exported by (its parent, when that holds a config.yaml)."""
     parent = RunDir(adapter.parent)
-    return parent if (parent.path / "config.yaml").is_file() else None
+    return parent if (parent.path / RUN_CONFIG).is_file() else None
 
 
 def base_of(adapter: Path, base: str | None, revision: str | None) -> tuple[str, str | None, dict[str, Any]]:
@@ -99,7 +98,7 @@ def base_of(adapter: Path, base: str | None, revision: str | None) -> tuple[str,
 # ---- what a fit does to its run directory ------------------------------------------------------------------------
 
 LOCK_FILE = "fit.lock"
-RUN_FILES = ("config.yaml", "metrics.csv", "hparams.yaml", "adapter")  # a run's own files, beside checkpoints/*.ckpt
+RUN_FILES = (RUN_CONFIG, "metrics.csv", "hparams.yaml", "adapter")  # a run's own files, beside checkpoints/*.ckpt
 
 
 def holds_run(path: Path) -> bool:

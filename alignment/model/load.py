@@ -9,38 +9,25 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
 )
 
 from alignment.errors import ModelLoadError
+from alignment.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG
 from alignment.hub import resolve_base
-from alignment.rundir import ADAPTER_FILE, run_of_adapter
 
 log = logging.getLogger(__name__)
 
 POLICY_ADAPTER = "default"  # peft's name for the adapter a PeftModel is built with: the one trained and saved
 REFERENCE_ADAPTER = "reference"  # a frozen copy of the adapter training started from: DPO's reference
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT writes, newest format first
-
-
-def load_tokenizer(base: str, revision: str | None = None) -> PreTrainedTokenizerBase:
-    source = resolve_base(base, revision)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    except OSError as err:
-        raise ModelLoadError(f"cannot load the tokenizer of {base!r}: {err}") from err
-    if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without one; padding is masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_base(
@@ -206,13 +193,13 @@ def read_adapter(adapter: str, base: str, revision: str | None = None) -> dict:
     flag = f"--model.adapter {adapter}"
     if not path.is_dir():
         raise ModelLoadError(f"{flag}: no such directory (expected a PEFT adapter, e.g. runs/NAME/adapter)")
-    if not (path / ADAPTER_FILE).is_file():
-        hint = f": pass {path / 'adapter'}" if (path / "adapter" / ADAPTER_FILE).is_file() else ""
-        raise ModelLoadError(f"{flag}: not a PEFT adapter directory (no {ADAPTER_FILE}){hint}")
+    if not (path / ADAPTER_CONFIG).is_file():
+        hint = f": pass {path / 'adapter'}" if (path / "adapter" / ADAPTER_CONFIG).is_file() else ""
+        raise ModelLoadError(f"{flag}: not a PEFT adapter directory (no {ADAPTER_CONFIG}){hint}")
     try:
-        config = json.loads((path / ADAPTER_FILE).read_text())
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"{flag}: {ADAPTER_FILE} is not readable JSON: {err}") from err
+        raise ModelLoadError(f"{flag}: {ADAPTER_CONFIG} is not readable JSON: {err}") from err
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise ModelLoadError(f"{flag}: a {kind or 'unknown'} adapter; only LoRA adapters can be trained here")
@@ -223,7 +210,7 @@ def read_adapter(adapter: str, base: str, revision: str | None = None) -> dict:
         log.warning("%s names no base (base_model_name_or_path): assuming it was trained on %s", flag, base)
     elif not _same_base(path, named, base, revision):
         raise ModelLoadError(
-            f"{flag} was trained on {named!r} (base_model_name_or_path in its {ADAPTER_FILE}), not on "
+            f"{flag} was trained on {named!r} (base_model_name_or_path in its {ADAPTER_CONFIG}), not on "
             f"--model.base {base}: pass the base it was trained on"
         )
     return config
@@ -238,13 +225,23 @@ def _same_base(adapter: Path, named: str, base: str, revision: str | None) -> bo
     """Whether `named` (an adapter's base_model_name_or_path) is `base`. PEFT records the path the weights were
     loaded from: for "tiny" or a gguf file, the directory they resolve to; offline, a hub snapshot's directory.
     The run that saved the adapter (its config.yaml) names the base as given."""
-    run = run_of_adapter(adapter)
-    if run is not None and run.model_args().get("base") == base:
+    if _run_base(adapter) == base:
         return True
     source = resolve_base(base, revision)
     if named in (base, source) or _hub_name(named) in (base, _hub_name(source)):
         return True
     return Path(named).exists() and Path(named).resolve() == Path(source).resolve()
+
+
+def _run_base(adapter: Path) -> str | None:
+    """`model.init_args.base` of the run that exported `adapter` (its config.yaml, beside adapter/), or None."""
+    file = adapter.parent / RUN_CONFIG
+    try:
+        config = yaml.safe_load(file.read_text()) if file.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    args = ((config or {}).get("model") or {}).get("init_args") if isinstance(config, dict) else None
+    return args.get("base") if isinstance(args, dict) else None
 
 
 def _hub_name(source: str) -> str:

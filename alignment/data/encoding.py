@@ -13,8 +13,8 @@ from typing import NamedTuple
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from alignment.data.rows import PreferenceRow
 from alignment.errors import DataError
-from alignment.rows import PreferenceRow
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from alignment.errors import ConfigError, RunDirError, RunFinished
-from alignment.rundir import commit_adapter, discard_adapter, stage_adapter, write_error
+from alignment.run.rundir import commit_adapter, discard_adapter, stage_adapter, write_error
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,16 @@ class RunCheckpoint(ModelCheckpoint):
         self._step_at_batch_start = 0
         self._schedule_steps: int | None = None
         self._save_failed = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # before the model is built: an adapter this run would overwrite cannot be the one it starts from
+        adapter = getattr(pl_module, "hparams", {}).get("adapter")
+        if adapter is not None and self.adapter_dir is not None:
+            if Path(adapter).resolve().is_relative_to(self.adapter_dir.resolve()):
+                raise ConfigError(f"--model.adapter {adapter} is where this run saves its own adapter "
+                                  f"({self.adapter_dir}): copy it elsewhere, or train in another "
+                                  "--trainer.default_root_dir")  # fmt: skip
+        super().setup(trainer, pl_module, stage)
 
     # ---- saving -------------------------------------------------------------------------------------------------
     # ModelCheckpoint has no public hook around its own write of a checkpoint (the adapter is committed right after

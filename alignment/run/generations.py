@@ -7,7 +7,7 @@ import logging
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
-from alignment.generate import DecodeOptions, generate_ids, stop_token_ids
+from alignment.model.generate import DecodeOptions, generate_ids, stop_token_ids
 
 log = logging.getLogger(__name__)
 
