@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from tqdm.auto import tqdm
 
 from alignment.commands.report import read_curves
@@ -153,7 +154,17 @@ class SweepRun:
 
 
 def _config_hash(config: str) -> str:
-    return hashlib.sha256(Path(config).read_bytes()).hexdigest()
+    """The config's content with that of the files its groups name (`trainer: shared/trainer_gpu.yaml`): a change
+    to a shared file changes every run that reads it."""
+    digest = hashlib.sha256(Path(config).read_bytes())
+    try:
+        groups = yaml.safe_load(Path(config).read_text())
+    except yaml.YAMLError:  # the fit says what is wrong with it
+        groups = None
+    for value in groups.values() if isinstance(groups, dict) else []:
+        if isinstance(value, str) and (Path(config).parent / value).is_file():
+            digest.update((Path(config).parent / value).read_bytes())
+    return digest.hexdigest()
 
 
 def _read_marker(run: SweepRun) -> dict:
