@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+IGNORE_INDEX = -100  # the label of a position that is not scored: prompt, padding (as transformers' loss)
 
-def sequence_logps(logits: Tensor, labels: Tensor, *, average: bool = False, ignore_index: int = -100) -> Tensor:
+
+def sequence_logps(
+    logits: Tensor, labels: Tensor, *, average: bool = False, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
     """Sum (or mean) over tokens of log p(labels[:, t] | logits[:, t]).
 
     logits (B, T, V) and labels (B, T) are ALIGNED: logits[:, t] scores labels[:, t]; the caller
@@ -39,7 +43,7 @@ def sequence_logps_from_hidden(
     labels: Tensor,
     *,
     average: bool = False,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
 ) -> Tensor:
     """`sequence_logps(hidden @ weight.T, labels)` without the (B, T, V) logits.

@@ -12,7 +12,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from alignment.logprobs import IGNORE_INDEX
+
 DataKind = Literal["pairs", "sequences", "unpaired"]  # DPO/ORPO, SFT, KTO
 Split = Literal["train", "validation"]
 

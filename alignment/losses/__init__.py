@@ -10,6 +10,7 @@ from alignment.losses.preference import (
     chosen_nll,
     cpo_loss,
     dpo_loss,
+    label_smoothing_problem,
     log1mexp,
     orpo_loss,
     rpo_loss,
@@ -17,4 +18,4 @@ from alignment.losses.preference import (
 )
 
 __all__ = ["DPO_LOSSES", "MEAN_LOGPS_LOSSES", "DPOLossType", "RunningMean", "chosen_nll", "cpo_loss", "dpo_loss",
-           "log1mexp", "orpo_loss", "rpo_loss", "simpo_loss"]  # fmt: skip
+           "label_smoothing_problem", "log1mexp", "orpo_loss", "rpo_loss", "simpo_loss"]  # fmt: skip

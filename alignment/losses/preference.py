@@ -158,6 +158,19 @@ DPO_LOSSES: dict[str, Callable[[PairLogps, LossKnobs], Tensor]] = {
 }
 
 
+def label_smoothing_problem(label_smoothing: float, loss_type: str | None = None, *, flag: str = "") -> str | None:
+    """What is wrong with `label_smoothing` (an assumed share of flipped labels) for `loss_type`, or None; `flag`
+    prefixes the settings' names (`--model.`)."""
+    if not 0 <= label_smoothing < 0.5:
+        return f"{flag}label_smoothing must be in [0, 0.5), got {label_smoothing}"
+    if loss_type == "exo_pair" and label_smoothing == 0:
+        return (
+            f"{flag}loss_type exo_pair needs {flag}label_smoothing > 0 (log of the smoothed label); the EXO paper "
+            "uses 1e-3"
+        )
+    return None
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -179,10 +192,8 @@ def dpo_loss(
     """
     if loss_type not in DPO_LOSSES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {sorted(DPO_LOSSES)}")
-    if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if loss_type == "exo_pair" and label_smoothing == 0:
-        raise ValueError("exo_pair needs label_smoothing > 0 (log of the smoothed label); the EXO paper uses 1e-3")
+    if problem := label_smoothing_problem(label_smoothing, loss_type):
+        raise ValueError(problem)
     logps = PairLogps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     knobs = LossKnobs(beta, label_smoothing, discopop_tau, reward_shift)
     losses = DPO_LOSSES[loss_type](logps, knobs)

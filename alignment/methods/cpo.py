@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from alignment.data import PreferenceBatch
-from alignment.losses import chosen_nll, cpo_loss
+from alignment.losses import chosen_nll, cpo_loss, label_smoothing_problem
 from alignment.methods.base import REWARD_METRICS, PreferenceModule, Split, _check, answer_tokens, reward_metrics
 
 
@@ -26,7 +26,8 @@ class CPO(PreferenceModule):
     metric_names = REWARD_METRICS + ["nll_loss"]
 
     def __init__(self, *args, label_smoothing: float = 0.0, cpo_alpha: float = 1.0, **kwargs):
-        _check(0 <= label_smoothing < 0.5, f"--model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        problem = label_smoothing_problem(label_smoothing, flag="--model.")
+        _check(problem is None, str(problem))
         _check(cpo_alpha >= 0, f"--model.cpo_alpha must be >= 0, got {cpo_alpha}")
         super().__init__(*args, **kwargs)
 

@@ -6,7 +6,15 @@ import torch
 from torch import Tensor
 
 from alignment.data import PreferenceBatch
-from alignment.losses import MEAN_LOGPS_LOSSES, DPOLossType, RunningMean, chosen_nll, dpo_loss, rpo_loss
+from alignment.losses import (
+    MEAN_LOGPS_LOSSES,
+    DPOLossType,
+    RunningMean,
+    chosen_nll,
+    dpo_loss,
+    label_smoothing_problem,
+    rpo_loss,
+)
 from alignment.methods.base import REWARD_METRICS, PreferenceModule, Split, _check, answer_tokens, reward_metrics
 from alignment.methods.reference import ReferenceScorer
 
@@ -49,9 +57,8 @@ class DPO(PreferenceModule):
         reference_cache_dir: str | None = None,
         **kwargs,
     ):
-        _check(0 <= label_smoothing < 0.5, f"--model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        _check(loss_type != "exo_pair" or label_smoothing > 0,
-               "--model.loss_type exo_pair needs --model.label_smoothing > 0 (the EXO paper uses 1e-3)")  # fmt: skip
+        problem = label_smoothing_problem(label_smoothing, loss_type, flag="--model.")
+        _check(problem is None, str(problem))
         _check(rpo_alpha >= 0, f"--model.rpo_alpha must be >= 0, got {rpo_alpha}")
         _check(discopop_tau > 0, f"--model.discopop_tau must be > 0, got {discopop_tau}")
         super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records these too

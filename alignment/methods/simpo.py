@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from alignment.data import PreferenceBatch
-from alignment.losses import chosen_nll, simpo_loss
+from alignment.losses import chosen_nll, label_smoothing_problem, simpo_loss
 from alignment.methods.base import REWARD_METRICS, PreferenceModule, Split, _check, answer_tokens, reward_metrics
 
 
@@ -30,7 +30,8 @@ class SimPO(PreferenceModule):
         self, *args, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0, cpo_alpha: float = 0.0,
         **kwargs,
     ):  # fmt: skip
-        _check(0 <= label_smoothing < 0.5, f"--model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        problem = label_smoothing_problem(label_smoothing, flag="--model.")
+        _check(problem is None, str(problem))
         _check(cpo_alpha >= 0, f"--model.cpo_alpha must be >= 0, got {cpo_alpha}")
         super().__init__(*args, beta=beta, **kwargs)
 

@@ -28,9 +28,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alignment.errors import ConfigError
-from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
+from alignment.logprobs import IGNORE_INDEX, sequence_logps, sequence_logps_from_hidden
 
-IGNORE_INDEX = -100
 PACKED_ATTENTION = "packed_sdpa"  # the attention implementation registered below
 PAIR_BOUNDS = "shared_prompt_bounds"  # the keyword that brings a SharedPromptRows' bounds to the attention layers
 
