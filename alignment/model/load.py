@@ -94,7 +94,7 @@ def _keep_cpu_4bit_differentiable(model: PreTrainedModel) -> None:
             return  # no packed CPU kernel yet: nothing to switch off
         raise RuntimeError(
             f"bitsandbytes {installed}: Linear4bit has no {CPU_PACKING_FLAG!r}, which keeps 4-bit CPU gradients "
-            "correct; use bitsandbytes 0.49-0.50 or update alignment/model.py"
+            "correct; use bitsandbytes 0.49-0.50 or update alignment/model/load.py"
         )
     for layer in layers:
         setattr(layer, CPU_PACKING_FLAG, False)
