@@ -5,7 +5,7 @@ import os
 
 # OpenMP threads that wait spin on their core by default: on a machine whose cores are shared (other runs, a
 # notebook, the data loader), 2 spinning threads made a CPU step 60x slower than with threads that sleep while
-# they wait (README, "Performance": tiny ORPO, 7.9 s against 0.13 s a step); set OMP_WAIT_POLICY to choose
+# they wait (docs/performance.md: tiny ORPO, 7.9 s against 0.13 s a step); set OMP_WAIT_POLICY to choose
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # bitsandbytes looks for an optional hub kernel when imported on CPU and warns when it is absent, though it

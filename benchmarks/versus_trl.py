@@ -12,7 +12,7 @@ Memory against length (`--seq-lens`): one process per system and length, 2 steps
     python benchmarks/versus_trl.py --trl-python /tmp/trlvenv/bin/python --seq-lens 512,1024,2048,4096 \\
         -- --algo orpo --size tiny-128k --bs 1 --prompt-len 128
 
-The README's table, every workload in WORKLOADS (ours packed: padding-free, shared prompts; two rows also with
+docs/performance.md's table, every workload in WORKLOADS (ours packed: padding-free, shared prompts; two rows also with
 selective checkpointing; two DPO rows against TRL with its adapters kept in fp32, `--trl-fp32-adapters`), N
 alternated rounds each, one command:
 
@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 TRL_SCRIPT = HERE.parents[1] / "shared" / "bench" / "trl_anchor.py"
 TRL_REFERENCE_PASS = HERE / "trl_reference_pass.py"  # the script above, with TRL's reference pass timed
 
-# the README's table (--table): name -> (flags for both, flags for ours only, TRL's DPO adapters cast to fp32)
+# docs/performance.md's table (--table): name -> (flags for both, flags for ours only, TRL's DPO adapters cast to fp32)
 SMOLLM2 = ["--size", "smollm2", "--bs", "4", "--prompt-len", "64", "--completion-len", "192", "--vary",
            "--steps", "4", "--warm", "1"]  # fmt: skip
 TINY = ["--size", "tiny", "--bs", "4", "--prompt-len", "32", "--completion-len", "96", "--steps", "12", "--warm", "3"]
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ap.add_argument("--trl-python", default=None, help="the python that has trl installed; none: ours only")
     ap.add_argument("--trl-script", default=str(TRL_SCRIPT))
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--table", action="store_true", help="every workload of WORKLOADS; prints the README's table")
+    ap.add_argument("--table", action="store_true", help="every workload: docs/performance.md's table")
     ap.add_argument("--seq-lens", default=None, help="comma list of tokens per sequence: the memory table")
     ap.add_argument("--ours", default="", help="extra flags for bench.py only, one quoted string")
     ap.add_argument("--against-ours", default=None, help="compare with bench.py under these flags: --against-ours=...")
