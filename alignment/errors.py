@@ -18,8 +18,13 @@ class RunDirError(RuntimeError):
     a full disk. The message names the directory or file and what to do."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient stopped being a finite number. The message names the step, the value and what to
+    try; the run's checkpoint and adapter stay at the last step saved before it."""
+
+
 class RunFinished(Exception):
     """`--ckpt_path last` on a run that already reached the end of its schedule: nothing to train, not an error."""
 
 
-USER_ERRORS = (DataError, ModelLoadError, ConfigError, RunDirError)
+USER_ERRORS = (DataError, ModelLoadError, ConfigError, RunDirError, TrainingDiverged)

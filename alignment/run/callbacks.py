@@ -1,5 +1,6 @@
 """The run's checkpoint callback: last.ckpt and the PEFT adapter saved together, at the step training stopped at,
-with the length of the learning-rate schedule they belong to."""
+with the length of the learning-rate schedule they belong to; and the stop at the first loss or gradient that is not
+a finite number, before it reaches the weights they hold."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import threading
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from alignment.errors import ConfigError, RunDirError, RunFinished
+from alignment.errors import ConfigError, RunDirError, RunFinished, TrainingDiverged
 from alignment.run.rundir import commit_adapter, discard_adapter, stage_adapter, write_error
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class RunCheckpoint(ModelCheckpoint):
         last = Path(filepath).name == f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         staged, writing = None, filepath
         try:
+            check_finite_weights(trainer, self.saved_step)  # a diverged step never replaces the last good files
             if last and self.adapter_dir is not None and trainer.is_global_zero:
                 writing = self.adapter_dir
                 staged = stage_adapter(trainer.lightning_module, self.adapter_dir)
@@ -174,7 +177,76 @@ class RunCheckpoint(ModelCheckpoint):
         started = self._schedule_steps is not None
         if not self._keep_on_exception or self._save_failed or not started:
             return
-        if isinstance(exception, (RunDirError, RunFinished)):
+        if isinstance(exception, (RunDirError, RunFinished, TrainingDiverged)):
             return
         if self.save_last and self.dirpath and trainer.global_step not in (0, self.saved_step):
             self.save_last_now(trainer)
+
+
+class StopOnDivergence(Callback):
+    """Stops training at the first loss or gradient that is not a finite number (a learning rate far too high, an
+    overflow), before the optimizer step that would carry it into the weights: a `TrainingDiverged` naming the
+    step, the value and what to try. Nothing is saved after it (`RunCheckpoint` skips a diverged run, and refuses
+    to save weights that are not finite): last.ckpt and adapter/ stay at the last step saved before.
+
+    Costs one host sync per optimizer step. Under a float16 GradScaler (`16-mixed`), gradients are not checked: an
+    overflow there is the scaler's signal to skip the step and lower its scale, not a divergence.
+    """
+
+    def __init__(self) -> None:
+        self._losses: list[torch.Tensor] = []  # the micro-batches' losses since the last optimizer step
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        self._losses.append(loss.detach())
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        losses, self._losses = self._losses, []
+        grads = []
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
+            grads = [_local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        flags = [value.isfinite().all() for value in (*losses, *grads)]
+        finite = bool(torch.stack(flags).all()) if flags else True
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return
+        bad_loss = next((value for value in losses if not value.isfinite().all()), None)
+        if bad_loss is not None:
+            what = f"the loss is {bad_loss.float().item()}"
+        elif finite:
+            what = "the loss or a gradient is not finite in another process"
+        else:
+            names = {id(p): name for name, p in pl_module.named_parameters()}
+            group_params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            bad = [p for p in group_params if not _local(p.grad).isfinite().all()]
+            what = f"the gradient of {len(bad)} adapter tensors is not finite (first: {names.get(id(bad[0]), '?')})"
+        raise TrainingDiverged(diverged_message(trainer, trainer.global_step + 1, what))
+
+
+def check_finite_weights(trainer: L.Trainer, saved_step: int) -> None:
+    """A `TrainingDiverged` instead of a checkpoint when a trainable weight is not finite (in any process)."""
+    module = trainer.lightning_module
+    weights = [_local(p.detach()) for p in module.parameters() if p.requires_grad]
+    finite = bool(torch.stack([w.isfinite().all() for w in weights]).all()) if weights else True
+    if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+        bad = sum(not w.isfinite().all() for w in weights)
+        what = f"{bad} adapter tensors are not finite" if bad else "adapter tensors are not finite in another process"
+        raise TrainingDiverged(diverged_message(trainer, trainer.global_step, what, saved_step))
+
+
+def diverged_message(trainer: L.Trainer, step: int, what: str, saved_step: int | None = None) -> str:
+    if saved_step is None:
+        checkpoint = trainer.checkpoint_callback
+        saved_step = checkpoint.saved_step if isinstance(checkpoint, RunCheckpoint) else 0
+    kept = f"last.ckpt and adapter/ stay at step {saved_step}" if saved_step else "nothing was saved"
+    learning_rate = getattr(trainer.lightning_module, "hparams", {}).get("learning_rate")
+    lr = f" (now {learning_rate:g})" if isinstance(learning_rate, (int, float)) else ""
+    clip = "" if trainer.gradient_clip_val else " or --trainer.gradient_clip_val 1.0"
+    return (
+        f"training diverged at step {step}: {what}; {kept}. Try a lower --model.learning_rate{lr}{clip}, "
+        "and start over with --overwrite true"
+    )
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (FSDP2 DTensor) tensor; the tensor itself otherwise."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
