@@ -17,7 +17,7 @@ from alignment.errors import ConfigError, RunDirError, RunFinished
 from alignment.files import atomic_write
 from alignment.hub import resolve_base
 from alignment.methods.base import PreferenceModule
-from alignment.run.callbacks import RunCheckpoint
+from alignment.run.callbacks import RunCheckpoint, StopOnDivergence
 from alignment.run.generations import SampleGenerations
 from alignment.run.parser import AlignmentParser
 from alignment.run.resume import AtomicCheckpointIO, ExactResume, RunCSVLogger, checkpoint_step
@@ -144,6 +144,7 @@ class AlignmentCLI(LightningCLI):
                 enable_version_counter=False,  # a rerun replaces last.ckpt instead of adding last-v1.ckpt
             )
         )
+        callbacks.append(StopOnDivergence())  # at the first loss or gradient not finite, before a save
         kwargs["callbacks"] = callbacks
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
