@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from peft import PeftModel
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from alignment.data import IGNORE_INDEX, DataKind, PreferenceBatch, PreferenceDataModule, Split
@@ -243,6 +244,8 @@ class PreferenceModule(L.LightningModule):
             return None
         model = self.policy.get_base_model()
         weight, why_not = plain_head_weight(model)
+        if isinstance(weight, DTensor):  # a head sharded across processes (fsdp_qlora): gathered whole, frozen
+            weight = weight.full_tensor()
         if weight is not None and input_ids is not None and not self._lean_checked:
             self._lean_checked = True
             why_not = lean_disagreement(model, weight, input_ids, attention_mask, labels[:, 1:],

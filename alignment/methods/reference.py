@@ -57,6 +57,12 @@ class ReferenceScorer:
                 return module.sequence_logps(batch, average=average)
         index = batch.index.cpu()
         missing = ~filled(table[index])
+        strategy = module.trainer.strategy
+        if getattr(strategy, "forwards_in_step", False):
+            # a base sharded across the processes: a forward needs every one of them, so when one computes rows
+            # here, each does (one that lacks none computes its batch's rows again)
+            if strategy.reduce_boolean_decision(bool(missing.any()), all=False) and not missing.any():
+                missing = ~missing
         if missing.any():  # rows the pass left out: computed here, once, as the pass computes them
             self._compute_rows(split, index[missing])
         rows = table[index].to(module.device)  # (B, 4)

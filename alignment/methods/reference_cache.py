@@ -294,12 +294,14 @@ def compute_tables(
     progress: bool = True,
     batches: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    in_step: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(positions (M,), table (M, 4)) for the pairs at `positions`, `batch_size` pairs per forward.
 
     `logps_fn` maps a list of pairs to their (chosen sums, rejected sums, chosen counts, rejected counts).
     `should_stop` is asked after every batch (`batches` rounds in all, to keep processes in step, some of them
-    empty); when it says so, the rows computed so far are returned.
+    empty); when it says so, the rows computed so far are returned. With `in_step` (a base sharded across the
+    processes: each forward gathers its layers from all of them), an empty round runs a forward too, and drops it.
     """
     positions = list(positions)
     rounds = -(-len(positions) // batch_size) if batches is None else batches
@@ -309,6 +311,8 @@ def compute_tables(
         batch = [pairs[i] for i in positions[start : start + batch_size]]
         if batch:
             rows.append(torch.stack([t.float().cpu() for t in logps_fn(batch)], dim=1))
+        elif in_step:
+            logps_fn([pairs[positions[0] if positions else 0]])
         if should_stop():
             break
     table = torch.cat(rows) if rows else torch.zeros(0, len(COLUMNS))
@@ -395,6 +399,7 @@ def _fill(trainer, splits, missing: dict[str, list[int]], tables: Tables, logps_
                 pairs, length_sorted_shards(pairs, rank, world, missing[split]), logps_fn, batch_size,
                 desc=f"reference log-probs ({split})", progress=trainer.is_global_zero,
                 batches=-(-largest_share // batch_size), should_stop=should_stop,
+                in_step=getattr(strategy, "forwards_in_step", False),
             )  # fmt: skip
             shares = [share]
             if world > 1:

@@ -43,7 +43,8 @@ def plain_head_weight(model: PreTrainedModel) -> tuple[Tensor | None, str]:
     if model_type not in PLAIN_HEAD_MODEL_TYPES:
         return None, f"{model_type!r} is not among the architectures known to have a plain LM head"
     head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.bias is not None:
+    kind = type(head).__bases__[-1] if type(head).__name__.startswith("FSDP") else type(head)  # FSDP2's subclass
+    if kind is not torch.nn.Linear or head.bias is not None:
         return None, f"its LM head is a {type(head).__name__}{' with a bias' if head.bias is not None else ''}"
     if head.weight.requires_grad:
         return None, "its LM head is trained"

@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from alignment.data.rows import FIELDS
 from alignment.errors import ConfigError
 from alignment.files import check_writable
+from alignment.run.fsdp import check_strategy  # also registers --trainer.strategy fsdp_qlora
 
 COLUMNS_HINT = (
     f"expected a mapping of field ({', '.join(FIELDS)}) to the data's column, "
@@ -83,6 +84,9 @@ def check_settings(config: Namespace, fitting: bool = True) -> None:
     unknown = sorted(set(columns or {}) - set(FIELDS))
     if unknown:
         raise ConfigError(f"--data.columns: unknown field {unknown[0]!r}; {COLUMNS_HINT}")
+    model = config.get("model")
+    load_in_4bit = model.get("init_args", {}).get("load_in_4bit", True) if model is not None else True
+    check_strategy(config.trainer, load_in_4bit)
     if fitting and config.trainer.get("default_root_dir") is not None:
         check_writable(config.trainer.default_root_dir, "--trainer.default_root_dir")
     if config.get("wandb"):
