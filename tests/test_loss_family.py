@@ -344,3 +344,10 @@ def test_cpo_matches_trl(beta, label_smoothing):
     got = cpo_loss(POLICY_CHOSEN, POLICY_REJECTED, beta=beta, label_smoothing=label_smoothing)
     for ours_value, trl_value in zip(got, expected, strict=True):
         torch.testing.assert_close(ours_value, trl_value)
+
+
+# --- the loss types TRL 1.16 added: aot_unpaired, sft, sigmoid_norm --------------------------------------------------
+# sft and sigmoid_norm read the answers' lengths, which `ours` above does not pass: tests/test_trl_options.py compares
+# the three with TRL (loss and gradient). A new list object, so that the parametrized comparison above keeps its own
+# cases while the check that every loss type is compared sees these too.
+TRL_CASES = TRL_CASES + [("aot_unpaired", 0.5, 0.0), ("sft", 0.5, 0.0), ("sigmoid_norm", 0.5, 0.0)]

@@ -51,6 +51,29 @@ def kto_loss(
     return losses, beta * logratios.detach(), z_0
 
 
+def apo_zero_unpaired_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    desirable: Tensor,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """APO-zero on unpaired answers (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 7 split by answer, as TRL 1.16's
+    KTOTrainer loss_type "apo_zero_unpaired"): with r = log pi(y|x) - log pi_ref(y|x),
+
+        losses = lambda_D * (1 - sigmoid(beta * r))   for a desirable y (its likelihood raised),
+        losses = lambda_U * sigmoid(beta * r)         for an undesirable y (lowered),
+
+    KTO's loss with the reference point z_0 fixed at 0: no KL estimate. Inputs (B,); returns (losses, rewards), each
+    (B,), rewards = beta * r (detached)."""
+    logratios = policy_logps - reference_logps  # (B,)
+    desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * logratios))
+    undesirable_losses = undesirable_weight * torch.sigmoid(beta * logratios)
+    return torch.where(desirable, desirable_losses, undesirable_losses), beta * logratios.detach()
+
+
 def weights_advice(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float) -> str:
     """A warning ('' when none is due) when the weights do not balance unequal counts of desirable and undesirable
     examples: Ethayarajh et al. 2024, sec. 4.1 (eq. 8) recommend lambda_D n_D / (lambda_U n_U) in [1, 4/3]; the

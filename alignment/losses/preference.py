@@ -7,7 +7,7 @@ logged, never differentiated.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -15,14 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignment.losses.dpo_variants import F_DIVERGENCES, FDivergenceType, f_divergence_score
+
 DPOLossType = Literal[
     "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down", "aot",
-    "exo_pair", "discopop",
+    "exo_pair", "discopop", "aot_unpaired", "sft", "sigmoid_norm",
 ]  # fmt: skip
 
-# Loss types whose inputs are per-token MEAN logps, as TRL 1.16's DPOTrainer feeds them (IPO's loss divides the
-# summed log-ratios by the answer lengths); every other loss type takes per-sequence sums.
+# Loss types on per-token MEAN log-ratios, as TRL 1.16's DPOTrainer computes them (IPO's loss divides the summed
+# log-ratios by the answer lengths): give them means, or sums with `chosen_tokens` / `rejected_tokens`, which they
+# divide by (what the DPO module does: an f-divergence score is then taken of the sums, as TRL's). sigmoid_norm
+# divides the same way but needs the token counts; the other loss types take per-sequence sums.
 MEAN_LOGPS_LOSSES = frozenset({"ipo"})
+# Loss types that read only the chosen-minus-rejected score difference, the only ones f-DPO generalizes (Wang et al.
+# 2023: the partition term cancels there alone); TRL 1.16 refuses another f_divergence_type for the others.
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
+# Loss types that sort the batch (loss i is a quantile's, not pair i's): WPO's per-pair weights would be misaligned.
+SORTING_LOSSES = frozenset({"aot", "aot_unpaired"})
 
 
 class PairLogps(NamedTuple):
@@ -32,6 +41,12 @@ class PairLogps(NamedTuple):
     policy_rejected: Tensor
     ref_chosen: Tensor
     ref_rejected: Tensor
+    # answer lengths (B,), what ipo and sigmoid_norm divide by and sft averages over; None: 1 each
+    chosen_tokens: Tensor | None = None
+    rejected_tokens: Tensor | None = None
+    # the policy's chosen log-probs summed over every answer token, what sft reads (policy_chosen is LD-weighted
+    # under ld_alpha); None: policy_chosen
+    policy_chosen_full: Tensor | None = None
 
     @property
     def chosen_logratios(self) -> Tensor:  # (B,) log pi/ref of the chosen answers
@@ -54,6 +69,20 @@ class LossKnobs:
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
     reward_shift: float | Tensor = 0.0  # bco_pair's delta
+    f_divergence_type: FDivergenceType = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+
+
+def _score_margin(logps: PairLogps, k: LossKnobs, *, per_token: bool = False) -> Tensor:
+    """f'(pi/ref) of the chosen minus f'(pi/ref) of the rejected answer (the log-ratio margin h under reverse KL,
+    f-DPO otherwise: `f_divergence_score`); each score divided by its answer's length when `per_token`. (B,)."""
+    chosen = f_divergence_score(logps.chosen_logratios, k.f_divergence_type, k.f_alpha_divergence_coef)
+    rejected = f_divergence_score(logps.rejected_logratios, k.f_divergence_type, k.f_alpha_divergence_coef)
+    if per_token and logps.chosen_tokens is not None:
+        chosen = chosen / logps.chosen_tokens.clamp(min=1)
+    if per_token and logps.rejected_tokens is not None:
+        rejected = rejected / logps.rejected_tokens.clamp(min=1)
+    return chosen - rejected
 
 
 def _smoothed_sigmoid(logits: Tensor, label_smoothing: float) -> Tensor:
@@ -63,23 +92,24 @@ def _smoothed_sigmoid(logits: Tensor, label_smoothing: float) -> Tensor:
 
 def _dpo_sigmoid(logps: PairLogps, k: LossKnobs) -> Tensor:
     """DPO, Rafailov et al. 2023, eq. 7, with conservative-DPO label smoothing."""
-    return _smoothed_sigmoid(k.beta * logps.margin, k.label_smoothing)
+    return _smoothed_sigmoid(k.beta * _score_margin(logps, k), k.label_smoothing)
 
 
 def _dpo_robust(logps: PairLogps, k: LossKnobs) -> Tensor:
     """Robust DPO, Chowdhury et al. 2024, eq. 8: unbiased under a label flip rate of label_smoothing."""
-    eps, logits = k.label_smoothing, k.beta * logps.margin
+    eps, logits = k.label_smoothing, k.beta * _score_margin(logps, k)
     return (-F.logsigmoid(logits) * (1 - eps) + F.logsigmoid(-logits) * eps) / (1 - 2 * eps)
 
 
 def _dpo_hinge(logps: PairLogps, k: LossKnobs) -> Tensor:
     """SLiC-HF hinge, Zhao et al. 2023, eq. 3, with beta as the inverse margin scale."""
-    return torch.relu(1 - k.beta * logps.margin)
+    return torch.relu(1 - k.beta * _score_margin(logps, k))
 
 
 def _dpo_ipo(logps: PairLogps, k: LossKnobs) -> Tensor:
-    """IPO, Azar et al. 2023, eq. 17: regress the log-ratio margin onto 1 / (2 * tau), tau = beta (mean logps)."""
-    return (logps.margin - 1 / (2 * k.beta)) ** 2
+    """IPO, Azar et al. 2023, eq. 17: regress the log-ratio margin onto 1 / (2 * tau), tau = beta, on per-token
+    means (means given, or sums divided by the token counts)."""
+    return (_score_margin(logps, k, per_token=True) - 1 / (2 * k.beta)) ** 2
 
 
 def _bco_pair(logps: PairLogps, k: LossKnobs) -> Tensor:
@@ -128,7 +158,7 @@ def _aot(logps: PairLogps, k: LossKnobs) -> Tensor:
 def _exo_pair(logps: PairLogps, k: LossKnobs) -> Tensor:
     """EXO, Ji et al. 2024 (arXiv:2402.00856), eq. 16 with K = 2: KL(p_policy || p_label) between
     p_policy = (s(beta h), s(-beta h)) and the smoothed labels p_label = (1 - eps, eps), eps = label_smoothing."""
-    eps, logits = k.label_smoothing, k.beta * logps.margin
+    eps, logits = k.label_smoothing, k.beta * _score_margin(logps, k)
     chosen_term = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-eps))
     rejected_term = torch.sigmoid(-logits) * (F.logsigmoid(-logits) - math.log(eps))
     return chosen_term + rejected_term
@@ -137,9 +167,32 @@ def _exo_pair(logps: PairLogps, k: LossKnobs) -> Tensor:
 def _discopop(logps: PairLogps, k: LossKnobs) -> Tensor:
     """DiscoPOP (log-ratio modulated loss), Chris Lu et al. 2024 (arXiv:2406.08414), eq. 5: a blend of the logistic
     loss and the exponential loss exp(-beta h), weighted by s(beta h / tau)."""
-    logits = k.beta * logps.margin
+    logits = k.beta * _score_margin(logps, k)
     exp_weight = torch.sigmoid(logits / k.discopop_tau)
     return -F.logsigmoid(logits) * (1 - exp_weight) + torch.exp(-logits) * exp_weight
+
+
+def _aot_unpaired(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """AOT (unpaired), Melnyk et al. 2024 (arXiv:2406.05882): the chosen log-ratios' distribution made to dominate the
+    rejected ones', by matching their sorted batch values, under the smoothed sigmoid loss. Loss i is the i-th
+    quantile's."""
+    chosen_sorted, _ = torch.sort(logps.chosen_logratios, dim=0)
+    rejected_sorted, _ = torch.sort(logps.rejected_logratios, dim=0)
+    return _smoothed_sigmoid(k.beta * (chosen_sorted - rejected_sorted), k.label_smoothing)
+
+
+def _sft(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """The chosen answers' NLL, -sum of their token log-probs / their token count over the batch (the SFT term of
+    MPO, Wang et al. 2024, arXiv:2411.10442, and of RPO), each pair holding that batch value, as TRL 1.16's "sft"."""
+    chosen = logps.policy_chosen if logps.policy_chosen_full is None else logps.policy_chosen_full
+    tokens = torch.ones_like(chosen) if logps.chosen_tokens is None else logps.chosen_tokens
+    return (-chosen.sum() / tokens.sum().clamp(min=1)).expand(chosen.shape[0])
+
+
+def _sigmoid_norm(logps: PairLogps, k: LossKnobs) -> Tensor:
+    """DPO on length-normalized log-ratios: -log s(beta * (h_w / |y_w| - h_l / |y_l|)), as TRL 1.16's "sigmoid_norm"
+    (the per-token implicit reward of SimPO, Meng et al. 2024, eq. 4, kept relative to the reference)."""
+    return -F.logsigmoid(k.beta * _score_margin(logps, k, per_token=True))
 
 
 DPO_LOSSES: dict[str, Callable[[PairLogps, LossKnobs], Tensor]] = {
@@ -155,6 +208,9 @@ DPO_LOSSES: dict[str, Callable[[PairLogps, LossKnobs], Tensor]] = {
     "aot": _aot,
     "exo_pair": _exo_pair,
     "discopop": _discopop,
+    "aot_unpaired": _aot_unpaired,
+    "sft": _sft,
+    "sigmoid_norm": _sigmoid_norm,
 }
 
 
@@ -171,6 +227,58 @@ def label_smoothing_problem(label_smoothing: float, loss_type: str | None = None
     return None
 
 
+def loss_types_problem(
+    loss_types: Sequence[str],
+    loss_weights: Sequence[float] | None = None,
+    *,
+    f_divergence_type: str = "reverse_kl",
+    use_weighting: bool = False,
+    flag: str = "",
+) -> str | None:
+    """What is wrong with a list of DPO loss types and the knobs that depend on it, or None; `flag` prefixes the
+    settings' names (`--model.`). The refusals are TRL 1.16's (weights one per type, f-divergences only for the
+    loss types in `F_DIVERGENCE_LOSSES`, no WPO weights on sorting losses), plus: no type twice (each is logged as
+    `loss/<type>`)."""
+    unknown = [loss_type for loss_type in loss_types if loss_type not in DPO_LOSSES]
+    if unknown or not loss_types:
+        return f"{flag}loss_type {unknown or '[]'}: choose one or more of {sorted(DPO_LOSSES)}"
+    if len(set(loss_types)) < len(loss_types):
+        return f"{flag}loss_type {list(loss_types)} names a loss type twice; give it one weight instead"
+    if loss_weights is not None and len(loss_weights) != len(loss_types):
+        return (f"{flag}loss_weights has {len(loss_weights)} weights for {len(loss_types)} loss types "
+                f"{list(loss_types)}: give one per type")  # fmt: skip
+    if f_divergence_type not in F_DIVERGENCES:
+        return f"{flag}f_divergence_type {f_divergence_type!r}: choose one of {list(F_DIVERGENCES)}"
+    if f_divergence_type != "reverse_kl" and (others := sorted(set(loss_types) - F_DIVERGENCE_LOSSES)):
+        return (f"{flag}f_divergence_type {f_divergence_type} is not defined for loss_type {', '.join(others)} (only "
+                f"for {', '.join(sorted(F_DIVERGENCE_LOSSES))}); use reverse_kl with it")  # fmt: skip
+    if use_weighting and (sorting := sorted(set(loss_types) & SORTING_LOSSES)):
+        return f"{flag}use_weighting (WPO) is not defined for loss_type {', '.join(sorting)}, which sorts the pairs"
+    return None
+
+
+def dpo_loss_terms(
+    logps: PairLogps,
+    loss_types: Sequence[str],
+    knobs: LossKnobs,
+    *,
+    loss_weights: Sequence[float] | None = None,
+    pair_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Several DPO loss types at once, as MPO (Wang et al. 2024, arXiv:2411.10442, eq. 1) and TRL 1.16 combine
+    them: sum_k w_k * L_k, each L_k from `DPO_LOSSES`, w_k from `loss_weights` (1 each when None). With
+    `pair_weights` (B,) each L_k is first scaled pair by pair (WPO, `wpo_pair_weights`).
+
+    Returns (losses, terms): the weighted sum (B,) and each type's L_k (B,), unweighted by w_k."""
+    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+    terms = {}
+    for loss_type in loss_types:
+        term = DPO_LOSSES[loss_type](logps, knobs)
+        terms[loss_type] = term if pair_weights is None else term * pair_weights
+    losses = sum(weight * term for weight, term in zip(weights, terms.values(), strict=True))
+    return losses, terms
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -178,25 +286,38 @@ def dpo_loss(
     ref_rejected_logps: Tensor,
     *,
     beta: float = 0.1,
-    loss_type: DPOLossType = "sigmoid",
+    loss_type: DPOLossType | Sequence[DPOLossType] = "sigmoid",
     label_smoothing: float = 0.0,
     discopop_tau: float = 0.05,
     reward_shift: float | Tensor = 0.0,
+    loss_weights: Sequence[float] | None = None,
+    f_divergence_type: FDivergenceType = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+    pair_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """DPO family (Rafailov et al. 2023, eq. 7) on log pi/ref of the chosen and the rejected answers.
 
-    `loss_type` picks the loss from `DPO_LOSSES`; the loss types in `MEAN_LOGPS_LOSSES` expect per-token mean
-    logps, the others sums. `discopop_tau` is DiscoPOP's temperature, `reward_shift` bco_pair's delta.
+    `loss_type` picks the loss from `DPO_LOSSES`, or a list of them summed with `loss_weights` (`dpo_loss_terms`).
+    The loss types in `MEAN_LOGPS_LOSSES` take per-token means, or sums with `chosen_tokens` / `rejected_tokens`
+    (answer lengths (B,), which sigmoid_norm and sft read too); the others take sums. `discopop_tau` is DiscoPOP's
+    temperature, `reward_shift` bco_pair's delta, `f_divergence_type` / `f_alpha_divergence_coef` f-DPO's
+    divergence (`f_divergence_score`), `pair_weights` (B,) WPO's weights (`wpo_pair_weights`).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards = beta * (policy - reference),
     the implicit reward of eq. 5 without its partition term.
     """
-    if loss_type not in DPO_LOSSES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {sorted(DPO_LOSSES)}")
-    if problem := label_smoothing_problem(label_smoothing, loss_type):
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    problem = loss_types_problem(loss_types, loss_weights, f_divergence_type=f_divergence_type,
+                                 use_weighting=pair_weights is not None)  # fmt: skip
+    for each in loss_types:
+        problem = problem or label_smoothing_problem(label_smoothing, each)
+    if problem:
         raise ValueError(problem)
-    logps = PairLogps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    knobs = LossKnobs(beta, label_smoothing, discopop_tau, reward_shift)
-    losses = DPO_LOSSES[loss_type](logps, knobs)
+    logps = PairLogps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                      chosen_tokens, rejected_tokens)  # fmt: skip
+    knobs = LossKnobs(beta, label_smoothing, discopop_tau, reward_shift, f_divergence_type, f_alpha_divergence_coef)
+    losses, _ = dpo_loss_terms(logps, loss_types, knobs, loss_weights=loss_weights, pair_weights=pair_weights)
     return losses, beta * logps.chosen_logratios.detach(), beta * logps.rejected_logratios.detach()
 
 

@@ -4,12 +4,13 @@ from the reference scorer, as DPO's."""
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from alignment.data import PreferenceDataModule, UnpairedBatch
-from alignment.losses.kto import kto_kl_estimate, kto_loss, weights_advice
+from alignment.losses.kto import apo_zero_unpaired_loss, kto_kl_estimate, kto_loss, weights_advice
 from alignment.methods.base import PreferenceModule, Split, _check
 from alignment.methods.reference import ReferenceScorer
 
@@ -34,6 +35,9 @@ class KTO(PreferenceModule):
     at step 0, where every log-ratio is 0).
 
     Args:
+        loss_type: kto (the KTO loss), or apo_zero_unpaired (APO-zero on unpaired answers, D'Oosterlinck et al.
+            2024, as TRL's: KTO's loss with the reference point fixed at 0, so no KL estimate: the policy scores no
+            mismatched pairs and `kl` logs 0).
         desirable_weight: lambda_D, the weight of the desirable examples' losses; with unequal counts,
             lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] is recommended (the log says so when outside).
         undesirable_weight: lambda_U, the weight of the undesirable examples' losses.
@@ -49,6 +53,7 @@ class KTO(PreferenceModule):
     def __init__(
         self,
         *args,
+        loss_type: Literal["kto", "apo_zero_unpaired"] = "kto",
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
         reference_cache: bool = True,
@@ -65,6 +70,14 @@ class KTO(PreferenceModule):
         hp, size = self.hparams, len(batch.index)
         ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
         policy_logps = self.row_logps(ids[:size], mask[:size], labels[:size], average=False)  # (B,) sums
+        if hp.loss_type == "apo_zero_unpaired":  # no reference point: the mismatched pairs are not scored
+            reference_logps, _ = self.reference.logps(batch, average=False, split=split)
+            losses, rewards = apo_zero_unpaired_loss(
+                policy_logps, reference_logps, batch.desirable, beta=hp.beta,
+                desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight,
+            )  # fmt: skip
+            z_0 = policy_logps.new_zeros(())
+            return losses.mean(), kto_metrics(losses, rewards, policy_logps, batch.desirable, z_0, hp.beta)
         with torch.no_grad():  # the KL term is detached: no backward through the mismatched pairs
             policy_kl_logps = self.row_logps(ids[size:], mask[size:], labels[size:], average=False)
         reference_logps, reference_kl_logps = self.reference.logps(batch, average=False, split=split)
