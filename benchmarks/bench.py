@@ -9,6 +9,9 @@ and prints one line per length: `RESULT {json}`.
 
     python benchmarks/bench.py --algo dpo --size tinyllama --steps 30 --warm 5 --bs 4 \\
         --prompt-len 128 --completion-len 384 --precompute-ref
+
+With `--devices 2 --strategy fsdp_qlora` (or ddp) every process prints its own RESULT line: its peak RSS, and
+tokens_per_s of all processes together (--bs pairs per process and step).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 
 from alignment import DPO, ORPO, PreferenceDataModule  # noqa: E402
 from alignment.methods.reference_cache import filled  # noqa: E402
+from alignment.run import fsdp  # noqa: E402, F401  (registers --strategy fsdp_qlora)
 
 SIZES = {
     "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -65,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warm", type=int, default=5, help="steps before the timed ones")
-    ap.add_argument("--bs", type=int, default=4, help="pairs per step")
+    ap.add_argument("--bs", type=int, default=4, help="pairs per step (per process)")
+    ap.add_argument("--devices", type=int, default=1, help="processes (CPU) or GPUs")
+    ap.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, fsdp_qlora")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--completion-len", default="384", help="comma list: one run per length")
     ap.add_argument("--no-4bit", action="store_true", help="full-precision base")
@@ -260,7 +266,7 @@ def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
     base = work / "base"
     if not base.exists():
         write_base(args.size, base)
-    rows = make_pairs(args.bs * (args.steps + 2), vocab, args.prompt_len, completion_len, vary=args.vary)
+    rows = make_pairs(args.bs * args.devices * (args.steps + 2), vocab, args.prompt_len, completion_len, vary=args.vary)
     pairs = write_pairs(work / f"pairs-{completion_len}.jsonl", rows)
     data = PreferenceDataModule(
         str(pairs), tokenizer=str(base), use_chat_template=False, val_fraction=0.0, batch_size=args.bs,
@@ -270,7 +276,8 @@ def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
     cuda = torch.cuda.is_available()
     timer = StepTimer(args.warm)
     trainer = L.Trainer(
-        accelerator="auto", devices=1, precision="bf16-mixed" if cuda else "32-true", max_steps=args.steps,
+        accelerator="auto", devices=args.devices, strategy=args.strategy,
+        precision="bf16-mixed" if cuda else "32-true", max_steps=args.steps,
         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
         callbacks=[timer] + ([StepProfiler(args.warm)] if args.profile else []), default_root_dir=str(work),
@@ -289,7 +296,8 @@ def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
 def summarize(args, completion_len, pair_tokens: float, module, trainer, timer: StepTimer, total_s: float) -> dict:
     seq = args.prompt_len + completion_len
     seconds = timer.end - timer.start
-    tokens = timer.timed * args.bs * pair_tokens  # real chosen + rejected tokens (prompt included), as the reference
+    # real chosen + rejected tokens (prompt included), as the reference, of every process
+    tokens = timer.timed * args.bs * trainer.world_size * pair_tokens
     tokens_per_s = tokens / seconds
     cuda = torch.cuda.is_available()
     reference_s = timer.train_start - timer.fit_start
@@ -297,6 +305,7 @@ def summarize(args, completion_len, pair_tokens: float, module, trainer, timer: 
     flops = train_flops_per_token(module, args)
     return dict(
         system="ours", algo=args.algo, size=args.size, four_bit=not args.no_4bit, bs=args.bs, seq=seq, vary=args.vary,
+        strategy=args.strategy, rank=trainer.global_rank, world_size=trainer.world_size,
         gradient_checkpointing=checkpointing(args), precompute_ref=args.precompute_ref, lean_logps=not args.plain_logps,
         padding_free=args.padding_free, shared_prompt=args.shared_prompt,
         timed_steps=timer.timed, step_s=seconds / timer.timed, tokens_per_s=tokens_per_s, total_s=total_s,
