@@ -4,13 +4,14 @@ check that a directory the user named can be written before anything is built.""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from alignment.errors import ConfigError
+from alignment.errors import ConfigError, ModelLoadError
 
 ACCESS_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
 # the names of the files every layer reads: PEFT's adapter directory, and a run directory's resolved config
@@ -61,6 +62,42 @@ def check_writable(path: str | Path, flag: str) -> None:
     except OSError as err:  # read-only, no permission, or a pseudo file system such as /proc
         where = "" if existing == target else f" ({existing} is not writable)"
         raise ConfigError(f"{flag} {path}: cannot write there{where}: {err.strerror}") from None
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why `path` is not a whole safetensors file (cut short by a failed copy or download, say), or None.
+
+    Reads the header only (8 bytes of length, then JSON naming each tensor's byte range): the file must be exactly
+    as long as the header says, which is what the safetensors loader checks too, there with a traceback.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            head = file.read(8)
+            length = int.from_bytes(head, "little")
+            if len(head) < 8 or length > size - 8:
+                return f"cut short: {size} bytes, less than its header alone"
+            header = json.loads(file.read(length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except OSError as err:
+        return err.strerror or str(err)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "its header is not readable"
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"cut short: {size} of its {expected} bytes"
+    if size > expected:
+        return f"{size} bytes where its header accounts for {expected}"
+    return None
+
+
+def check_safetensors(path: str | Path, then: str) -> None:
+    """A ModelLoadError naming `path`, what is wrong with it and `then` (what to do), unless it is a whole
+    safetensors file."""
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise ModelLoadError(f"{path} is damaged ({problem}): {then}")
 
 
 def cache_dir() -> Path:

@@ -4,19 +4,26 @@ that overflows, damaged files, a resume with another seed, the debris of a kill 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from alignment.errors import TrainingDiverged
+from alignment.hub import resolve_base
 from alignment.run.callbacks import StopOnDivergence
+from alignment.usage import main
+from tests.helpers import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "demo_dpo.yaml", "--data.limit", "16", "--trainer.enable_progress_bar", "false"]
@@ -90,3 +97,192 @@ def test_a_gradient_that_is_not_finite_stops_before_the_optimizer_step():
                        r"weight\); nothing was saved"):  # fmt: skip
         trainer.fit(module)
     assert torch.equal(module.weight.detach(), torch.zeros(3))  # the step was not taken
+
+
+# ---- a finished run, and what the after-training commands may do with it -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished DPO run of 2 steps on the tiny model (config.yaml, checkpoints/, adapter/). Tests that change it
+    work on a copy."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    main(["fit", *TINY, "--trainer.default_root_dir", str(run), "--trainer.max_steps", "2"])
+    return run
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("fit.lock"))
+    return to
+
+
+def main_line(capsys, *args: str) -> str:
+    """`cli.py ARGS` in this process (the same entry point): the one error line and exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "fit.lock"}  # fmt: skip
+
+
+# ---- 2. merge --out: never the base, a run, or a model without --overwrite ----------------------------------------
+
+
+def test_merge_refuses_the_runs_own_base_even_with_overwrite(finished, capsys):
+    """Before: `merge RUN --out <base>` wrote the merged model over the base the run trained on, exit 0."""
+    base = Path(resolve_base("tiny"))
+    before = digest(base)
+    line = error_line(cli("merge", str(finished), "--out", str(base), "--overwrite", "true"))
+    assert line.startswith(f"error: --out {base} is the base of the merge ({base}): writing there would destroy it")
+    line = main_line(capsys, "merge", str(finished), "--out", str(base / "merged"))
+    assert line.startswith(f"error: --out {base / 'merged'} is inside the base of the merge"), line
+    assert digest(base) == before and not (base / "merged").exists()
+
+
+def test_merge_refuses_a_run_or_inside_one_and_a_model_without_overwrite(finished, tmp_path, capsys):
+    before = digest(finished)
+    for out in (finished, finished / "merged", finished.parent):
+        line = main_line(capsys, "merge", str(finished), "--out", str(out), "--overwrite", "true")
+        assert f"--out {out}" in line and ("run directory" in line or "holds the run" in line), line
+    assert digest(finished) == before and not (finished / "merged").exists()
+
+    model = tmp_path / "model"
+    main(["merge", str(finished), "--out", str(model), "--dtype", "float32"])
+    first = digest(model)
+    line = main_line(capsys, "merge", str(finished), "--out", str(model), "--dtype", "bfloat16")
+    assert line == f"error: --out {model} already holds a model: add --overwrite true to replace it, or choose " \
+                   "another directory"  # fmt: skip
+    assert digest(model) == first
+    main(["merge", str(finished), "--out", str(model), "--dtype", "bfloat16", "--overwrite", "true"])
+    assert AutoModelForCausalLM.from_pretrained(model).dtype == torch.bfloat16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging directory left beside it
+
+
+# ---- 8. merge --dtype float16 that overflows -----------------------------------------------------------------------
+
+
+def test_a_merge_that_overflows_float16_is_refused_and_writes_nothing(finished, tmp_path, capsys):
+    """An adapter whose update reaches past float16's 65504. Before: written with inf tensors, exit 0."""
+    run = copy_run(finished, tmp_path / "run")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 1e8 if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    out = tmp_path / "merged"
+    line = main_line(capsys, "merge", str(run), "--out", str(out), "--dtype", "float16")
+    overflow = r"error: --dtype float16: (\d+) of (\d+) merged tensors overflow it \(inf or NaN, first: \S+\); "
+    found = re.fullmatch(overflow + r"nothing was written\. Merge with --dtype bfloat16 .* or --dtype float32", line)
+    assert found, line
+    assert 0 < int(found[1]) <= int(found[2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    main(["merge", str(run), "--out", str(out), "--dtype", "bfloat16"])  # float32's range: the same update fits
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert all_finite(merged.state_dict().values())
+
+
+# ---- 9. damaged files: one line naming the file ---------------------------------------------------------------------
+
+
+def cut_short(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_validate_on_a_cut_short_last_checkpoint_names_it(finished, tmp_path, capsys):
+    """Before: a traceback of torch's zip reader (RuntimeError/OSError)."""
+    run = copy_run(finished, tmp_path / "run")
+    cut_short(run / "checkpoints" / "last.ckpt")
+    line = main_line(capsys, "validate", "--config", str(run / "config.yaml"), "--trainer.default_root_dir", str(run),
+                     "--ckpt_path", "last", "--trainer.enable_progress_bar", "false")  # fmt: skip
+    assert line.startswith(f"error: {run / 'checkpoints' / 'last.ckpt'} is damaged"), line
+    assert "epoch=0-step=2.ckpt (step 2) is readable: pass it as --ckpt_path" in line
+
+
+def test_a_cut_short_adapter_is_one_line_for_merge_compare_and_fit(finished, tmp_path, capsys):
+    """Before: safetensors' SafetensorError with a traceback, from each of them."""
+    run = copy_run(finished, tmp_path / "run")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    cut_short(weights)
+    expected = f"error: {weights} is damaged (cut short: "
+    assert main_line(capsys, "merge", str(run), "--out", str(tmp_path / "merged")).startswith(expected)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi"}])
+    line = main_line(capsys, "compare", "--prompts", str(prompts), "--adapter", f"a={run}", "--out",
+                     str(tmp_path / "compare"))  # fmt: skip
+    assert line.startswith(expected), line
+    line = main_line(capsys, "fit", *TINY, "--trainer.default_root_dir", str(tmp_path / "next"),
+                     "--trainer.max_steps", "1", "--model.adapter", str(run / "adapter"))  # fmt: skip
+    assert line.startswith(expected) and "copy the adapter again" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl", "run"]
+
+
+def test_a_cut_short_base_is_one_line(tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(resolve_base("tiny"), base)
+    cut_short(base / "model.safetensors")
+    line = main_line(capsys, "fit", *TINY, "--trainer.default_root_dir", str(tmp_path / "run"),
+                     "--trainer.max_steps", "1", "--model.base", str(base))  # fmt: skip
+    assert line.startswith(f"error: {base / 'model.safetensors'} is damaged (cut short: "), line
+    assert "download the base" in line and not (tmp_path / "run").exists()
+
+
+# ---- 7. the debris of a kill during a save -------------------------------------------------------------------------
+
+KILLED_WRITER = """
+import os, sys
+from pathlib import Path
+from alignment.files import atomic_write
+from alignment.run.rundir import stage_adapter
+
+run, which = Path(sys.argv[1]), sys.argv[2]
+
+def killed(handle):  # kill -9 in the middle of writing: no cleanup runs
+    handle.write(b"x" * 1000)
+    handle.flush()
+    os._exit(9)
+
+class Policy:
+    active_adapter = "default"
+
+    def save_pretrained(self, path, **kwargs):
+        (Path(path) / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+        os._exit(9)
+
+class Module:
+    policy = Policy()
+
+if which == "adapter":
+    stage_adapter(Module(), run / "adapter")
+else:
+    atomic_write(run / which, killed)
+"""
+
+
+def test_the_next_fit_removes_the_temp_files_of_a_save_killed_before(finished, tmp_path):
+    """The run's own writers killed while writing (last.ckpt, config.yaml, metrics.csv, adapter/) leave their temp
+    files; the next fit of the run removes them, and nothing else. Before: they stayed for good."""
+    run = copy_run(finished, tmp_path / "run")
+    for which in ("checkpoints/last.ckpt", "config.yaml", "metrics.csv", "adapter"):
+        killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(run), which], cwd=ROOT)
+        assert killed.returncode == 9
+    debris = {p for p in run.rglob(".*") if p.name != "fit.lock"}
+    assert len(debris) == 4, debris  # .last.ckpt.*.tmp, .config.yaml.*.tmp, .metrics.csv.*.tmp, .adapter.*/
+    kept = [run / "checkpoints" / "notes.tmp", run / ".adapter.mine", run / "checkpoints" / "x.last.ckpt.abcdefgh.tmp",
+            run / ".metrics.csv.abcdefgh.tmp"]  # fmt: skip
+    for path in kept:
+        path.write_text("the user's")
+    os.utime(kept[-1], (time.time() + 3600, time.time() + 3600))  # a temp name, but newer than the next fit
+    before = digest(run)
+
+    result = cli("fit", "--config", str(run / "config.yaml"), "--trainer.default_root_dir", str(run),
+                 "--ckpt_path", "last")  # fmt: skip
+    assert result.returncode == 0 and "nothing to resume" in result.stderr, result.stderr[-3000:]
+    assert not any(p.exists() for p in debris)
+    assert all(p.read_text() == "the user's" for p in kept)
+    gone = tuple(str(p.relative_to(run)) for p in debris)
+    assert digest(run) == {k: v for k, v in before.items() if not k.startswith(gone)}  # all else as it was

@@ -72,7 +72,16 @@ def _sweep(args: argparse.Namespace, extra: list[str]) -> None:
 def _merge(args: argparse.Namespace, extra: list[str]) -> None:
     from alignment.commands.merge import merge_adapter
 
-    merge_adapter(args.run, args.out, dtype=args.dtype, base=args.base, revision=args.revision)
+    merge_adapter(
+        args.run, args.out, dtype=args.dtype, base=args.base, revision=args.revision, overwrite=args.overwrite
+    )
+
+
+def _true_or_false(value: str) -> bool:
+    """`--overwrite true`, as fit spells its flags."""
+    if value.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value.lower() == "true"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     merge.add_argument("--base", help="base model (default: the run's model.init_args.base)")
     merge.add_argument("--revision", help="revision of --base (default: the run's)")
+    merge.add_argument("--overwrite", type=_true_or_false, default=False, metavar="true|false",
+                       help="replace the model --out already holds (never the base, nor a run)")  # fmt: skip
     merge.set_defaults(action=_merge)
     return parser
 

@@ -6,18 +6,27 @@ way the run did (quantized), dequantizes it (each layer at a time, in float32, t
 the LoRA update there: W' = dequantize(nf4(W)) + (alpha / r) * B A (Hu et al. 2021, eq. 3; Dettmers et al.
 2023 for the nf4 storage). Merging into the original full-precision W instead would add the update to weights
 the adapter never saw.
+
+Nothing is lost on the way: `--out` may not be the base, a run, or inside either, and a directory that already
+holds a model is replaced only with `--overwrite true`; merged weights that overflow `--dtype` are refused; the
+model is written to a temp directory beside `--out` and renamed into place, so a kill leaves `--out` as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from alignment.errors import ConfigError
-from alignment.run.rundir import adapter_dir, base_of
+from alignment.files import RUN_CONFIG
+from alignment.run.rundir import adapter_dir, base_of, holds_run, replace_dir, run_of_adapter
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +40,7 @@ def merge_adapter(
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
     base: str | None = None,
     revision: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write base + adapter, merged, to `out` (weights in `dtype`, config, generation config, tokenizer).
 
@@ -38,12 +48,16 @@ def merge_adapter(
     """
     from peft import PeftModel
 
+    from alignment.hub import resolve_base
     from alignment.model import load_base, load_tokenizer
 
     adapter = adapter_dir(run)
     base, revision, trained = base_of(adapter, base, revision)
     in_4bit = bool(trained.get("load_in_4bit", True))
-    target = _output_dir(out)
+    bases = [resolve_base(base, revision)]
+    if trained.get("base") not in (None, base):  # the base the run trained on is never written over either
+        bases.append(_source_or_none(trained["base"], trained.get("revision")))
+    target = _output_dir(Path(out), adapter, [b for b in bases if b], overwrite)
     torch_dtype = DTYPES[dtype]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,9 +71,16 @@ def merge_adapter(
     except (RuntimeError, ValueError, KeyError) as err:
         raise ConfigError(f"the adapter {adapter} does not fit the base {base!r}: {err}") from err
     merged = policy.merge_and_unload().to(torch_dtype)
+    _check_finite(merged, dtype, adapter)
     merged.config.dtype = torch_dtype
-    merged.save_pretrained(target)
-    load_tokenizer(base, revision).save_pretrained(target)
+    _remove_staging_debris(target)
+    staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.merging-{os.getpid()}-"))
+    try:
+        merged.save_pretrained(staged)
+        load_tokenizer(base, revision).save_pretrained(staged)
+        replace_dir(staged, target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     log.info(
         "%s + %s merged (%s%s) into %s: AutoModelForCausalLM.from_pretrained(%r)",
         base, adapter, dtype, ", dequantized from nf4" if in_4bit else "", target, str(target),
@@ -67,10 +88,81 @@ def merge_adapter(
     return target
 
 
-def _output_dir(out: str | Path) -> Path:
-    """`out`, refused when it already holds files other than a model (a run directory, say)."""
-    target = Path(out)
-    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file()):
-        raise ConfigError(f"--out {target} exists and holds something other than a model: choose another directory")
-    target.mkdir(parents=True, exist_ok=True)
+def _source_or_none(base: str, revision: str | None) -> str | None:
+    from alignment.hub import resolve_base
+
+    try:
+        return resolve_base(base, revision)
+    except Exception:  # not here any more (another machine's path, an uncached hub name): nothing to protect
+        return None
+
+
+def _output_dir(out: Path, adapter: Path, bases: list[str], overwrite: bool) -> Path:
+    """`out`, or a ConfigError when writing there could destroy something: the base (never), a run or a directory
+    inside one, a directory holding something other than a model, or a model (unless `overwrite`)."""
+    target = out.expanduser().absolute()
+    real = target.resolve()
+    for base in [Path(b).resolve() for b in bases]:
+        if real == base or real.is_relative_to(base) or base.is_relative_to(real):
+            where = "is" if real == base else "is inside" if real.is_relative_to(base) else "holds"
+            raise ConfigError(f"--out {out} {where} the base of the merge ({base}): writing there would destroy "
+                              "it; choose a directory of its own, e.g. --out merged/NAME")  # fmt: skip
+    run = run_of_adapter(adapter.resolve())
+    for directory in (real, *real.parents):
+        if directory == real and holds_run(directory) or _is_run(directory):
+            raise ConfigError(f"--out {out} holds something other than a model: it is a run directory, or inside "
+                              f"one ({directory}); choose a directory of its own, e.g. --out merged/NAME")  # fmt: skip
+    if run is not None and run.path.is_relative_to(real) or adapter.resolve().is_relative_to(real):
+        raise ConfigError(f"--out {out} holds the run the adapter comes from ({adapter}): choose a directory of its "
+                          "own, e.g. --out merged/NAME")  # fmt: skip
+    if target.exists() and not target.is_dir() or target.is_dir() and any(target.iterdir()):
+        if not _holds_model(target):
+            raise ConfigError(f"--out {out} exists and holds something other than a model: choose another directory")
+        if not overwrite:
+            raise ConfigError(f"--out {out} already holds a model: add --overwrite true to replace it, or choose "
+                              "another directory")  # fmt: skip
     return target
+
+
+def _is_run(path: Path) -> bool:
+    """A run directory (its config.yaml beside checkpoints/ or adapter/), not any folder with a config.yaml."""
+    return (path / RUN_CONFIG).is_file() and ((path / "checkpoints").is_dir() or (path / "adapter").is_dir())
+
+
+def _holds_model(path: Path) -> bool:
+    """A model as save_pretrained writes one: config.json and files, no folders (which --overwrite would remove)."""
+    return path.is_dir() and (path / "config.json").is_file() and not any(p.is_dir() for p in path.iterdir())
+
+
+def _check_finite(merged, dtype: str, adapter: Path) -> None:
+    """A ConfigError, before anything is written, when merged weights are inf or NaN: float16 overflows past 65504."""
+    tensors = merged.state_dict()
+    bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if not bad:
+        return
+    if dtype == "float32":
+        raise ConfigError(f"{len(bad)} of {len(tensors)} merged tensors are not finite even in float32 (first: "
+                          f"{bad[0]}): the adapter {adapter} holds inf or NaN (a run that diverged?); nothing was "
+                          "written")  # fmt: skip
+    raise ConfigError(f"--dtype {dtype}: {len(bad)} of {len(tensors)} merged tensors overflow it (inf or NaN, first: "
+                      f"{bad[0]}); nothing was written. Merge with --dtype bfloat16 (float32's range) or "
+                      "--dtype float32")  # fmt: skip
+
+
+def _remove_staging_debris(target: Path) -> None:
+    """The staging directories of earlier merges into `target` that were killed: their process is gone."""
+    pattern = rf"\.{re.escape(target.name)}\.(merging-(\d+)-[a-z0-9_]{{8}}|old-(\d+))"
+    for entry in target.parent.iterdir() if target.parent.is_dir() else ():
+        found = re.fullmatch(pattern, entry.name)
+        if found and entry.is_dir() and not entry.is_symlink() and not _alive(int(found[2] or found[3])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from alignment.errors import ModelLoadError
-from alignment.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG
+from alignment.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG, check_safetensors
 from alignment.hub import resolve_base
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ def load_base(
     load as they are.
     """
     source = resolve_base(base, revision)
+    for weights in sorted(Path(source).glob("*.safetensors")):  # a local directory's (a hub name has none here)
+        check_safetensors(weights, f"copy or download the base {base} again")
     device = device or torch.device("cpu")
     config = AutoConfig.from_pretrained(source, revision=revision)
     prequantized = getattr(config, "quantization_config", None) is not None
@@ -203,8 +205,11 @@ def read_adapter(adapter: str, base: str, revision: str | None = None) -> dict:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise ModelLoadError(f"{flag}: a {kind or 'unknown'} adapter; only LoRA adapters can be trained here")
-    if adapter_weights(path) is None:
+    weights = adapter_weights(path)
+    if weights is None:
         raise ModelLoadError(f"{flag}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}) in the directory")
+    if weights.suffix == ".safetensors":
+        check_safetensors(weights, "copy the adapter again from where it came from, or train it again")
     named = config.get("base_model_name_or_path")
     if named is None:
         log.warning("%s names no base (base_model_name_or_path): assuming it was trained on %s", flag, base)

@@ -101,8 +101,8 @@ class AlignmentCLI(LightningCLI):
         self._resumed_from: int | None = None
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(last_checkpoint(root))
-            if self.subcommand == "fit":
-                self._resumed_from = checkpoint_step(config.ckpt_path)
+            step = checkpoint_step(config.ckpt_path)  # a damaged last.ckpt is one line, for validate too
+            self._resumed_from = step if self.subcommand == "fit" else None
         elif config.get("ckpt_path") is not None and config.ckpt_path not in CKPT_KEYWORDS:
             self._resumed_from = checkpoint_step(config.ckpt_path) if self.subcommand == "fit" else None
         if self.subcommand == "fit" and rank_zero_only.rank == 0:  # the other processes of a DDP run join this one

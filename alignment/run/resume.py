@@ -156,7 +156,7 @@ def damaged_checkpoint(path: Path, err: BaseException) -> RunDirError:
     hint = "no other checkpoint in the directory: start the run over with --overwrite true"
     if readable:
         step, other = max(readable)
-        hint = f"{other} (step {step}) is readable: resume from it with --ckpt_path {other}"
+        hint = f"{other} (step {step}) is readable: pass it as --ckpt_path {other}"
     return RunDirError(f"{path} is damaged, not a readable checkpoint ({type(err).__name__}); {hint}")
 
 

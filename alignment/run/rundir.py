@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -15,7 +18,9 @@ from typing import IO, Any
 import yaml
 
 from alignment.errors import ConfigError, RunDirError
-from alignment.files import ADAPTER_CONFIG, RUN_CONFIG
+from alignment.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG, check_safetensors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ def adapter_dir(path: str | Path) -> Path:
     """The PEFT adapter of a run directory (RUN/adapter), or `path` itself when it is an adapter directory."""
     given = Path(path)
     if (given / ADAPTER_CONFIG).is_file():
+        check_adapter_weights(given)
         return given
     run = open_run(given)
     if not (run.adapter / ADAPTER_CONFIG).is_file():
@@ -74,7 +80,15 @@ def adapter_dir(path: str | Path) -> Path:
             f"{run.path} holds no adapter ({run.adapter / ADAPTER_CONFIG} is missing): the run has not finished "
             "training, or it is not a run directory"
         )
+    check_adapter_weights(run.adapter)
     return run.adapter
+
+
+def check_adapter_weights(adapter: Path) -> None:
+    """A ModelLoadError naming the adapter's safetensors file when it is cut short or otherwise damaged."""
+    weights = adapter / ADAPTER_WEIGHTS[0]
+    if weights.is_file():
+        check_safetensors(weights, "copy the adapter again from where it came from, or train it again")
 
 
 def run_of_adapter(adapter: Path) -> RunDir | None:
@@ -131,7 +145,41 @@ def lock_run(path: Path) -> IO[str]:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     _held.append((handle, made))
+    remove_debris(path)
     return handle
+
+
+# the temp names of the run's own writers: atomic_write's `.NAME.XXXXXXXX.tmp` (config.yaml, metrics.csv, checkpoints)
+# and stage_adapter's `.adapter.XXXXXXXX` / replace_dir's `.adapter.old-PID`
+_TEMP = r"[a-z0-9_]{8}"  # tempfile's random part
+DEBRIS = {
+    ".": rf"\.(config\.yaml|metrics\.csv)\.{_TEMP}\.tmp|\.adapter\.({_TEMP}|old-\d+)",
+    "checkpoints": rf"\.[^/]+\.ckpt\.{_TEMP}\.tmp",
+}
+_STARTED = time.time()  # this process's start, near enough: what is older was made by another process
+
+
+def remove_debris(path: Path) -> None:
+    """Remove what an earlier fit killed while saving left in the run directory `path` (held by this process's
+    lock, so no other fit is writing there): the temp files and directories of its own writers, older than this
+    process. A checkpoint's temp file is as large as a checkpoint, an adapter's as an adapter."""
+    removed, size = 0, 0
+    for folder, pattern in DEBRIS.items():
+        directory = path / folder
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            if not re.fullmatch(pattern, entry.name) or entry.is_symlink() or entry.lstat().st_mtime >= _STARTED:
+                continue
+            files = [entry] if entry.is_file() else [f for f in entry.rglob("*") if f.is_file()]
+            size += sum(f.stat().st_size for f in files)
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+    if removed:
+        log.info("removed %d temp files of an interrupted save from %s (%.1f MB)", removed, path, size / 1e6)
 
 
 def release_runs() -> None:
@@ -183,13 +231,19 @@ def stage_adapter(pl_module, adapter: Path) -> Path | None:
 
 def commit_adapter(staged: Path, adapter: Path) -> None:
     """Put a staged adapter in place of `adapter`: two renames, so a reader finds the old one or the new one."""
+    replace_dir(staged, adapter)
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Put the directory `staged` in place of `target` (a sibling): the old one goes aside (`.NAME.old-PID`), the new
+    one is renamed in, the old one is removed; a reader finds the old one or the new one, never half of one."""
     os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes a private directory
     old = None
-    if adapter.exists():
-        old = adapter.with_name(f".{adapter.name}.old-{os.getpid()}")
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(adapter, old)
-    os.replace(staged, adapter)
+        os.replace(target, old)
+    os.replace(staged, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
