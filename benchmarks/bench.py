@@ -276,7 +276,7 @@ def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
     cuda = torch.cuda.is_available()
     timer = StepTimer(args.warm)
     trainer = L.Trainer(
-        accelerator="auto", devices=args.devices, strategy=args.strategy,
+        accelerator="auto", devices=args.devices, strategy=args.strategy, use_distributed_sampler=False,
         precision="bf16-mixed" if cuda else "32-true", max_steps=args.steps,
         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
