@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -286,3 +287,23 @@ def test_the_next_fit_removes_the_temp_files_of_a_save_killed_before(finished, t
     assert all(p.read_text() == "the user's" for p in kept)
     gone = tuple(str(p.relative_to(run)) for p in debris)
     assert digest(run) == {k: v for k, v in before.items() if not k.startswith(gone)}  # all else as it was
+
+
+# ---- 5. a resume keeps the run's record true ----------------------------------------------------------------------
+
+
+def test_a_resume_with_another_seed_keeps_the_runs_seed_in_its_config(tmp_path, caplog):
+    """Stopped at step 2 of 4 (SIGTERM), resumed with --seed_everything 7: it trains on as seed 42 did (its random
+    state is the checkpoint's), says so, and config.yaml keeps 42. Before: config.yaml said 7, silently."""
+    run = tmp_path / "run"
+    result = cli("fit", *TINY, "--trainer.default_root_dir", str(run), "--trainer.max_steps", "4",
+                 "--trainer.callbacks+=tests.helpers.SignalAtStep", "--trainer.callbacks.step=2")  # fmt: skip
+    assert result.returncode == 0 and "stopped at step 2 (SIGTERM)" in result.stderr, result.stderr[-3000:]
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed_everything"] == 42
+
+    main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--seed_everything", "7"])
+    assert step_of(run / "checkpoints" / "last.ckpt") == 4
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed_everything"] == 42
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["run"]["seed"] == 42
+    assert "--seed_everything 7: the run was started with seed 42" in caplog.text
+    assert "its config.yaml keeps 42" in caplog.text

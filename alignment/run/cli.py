@@ -20,7 +20,7 @@ from alignment.methods.base import PreferenceModule
 from alignment.run.callbacks import RunCheckpoint, StopOnDivergence
 from alignment.run.generations import SampleGenerations
 from alignment.run.parser import AlignmentParser
-from alignment.run.resume import AtomicCheckpointIO, ExactResume, RunCSVLogger, checkpoint_step
+from alignment.run.resume import AtomicCheckpointIO, ExactResume, RunCSVLogger, checkpoint_step, run_seed
 from alignment.run.rundir import clear_run, holds_run, lock_run, release_runs, write_error
 
 SUBCOMMANDS = ("fit", "validate")  # LightningCLI's; alignment.usage describes them in --help
@@ -51,6 +51,7 @@ class RunStart(SaveConfigCallback):
                 logger.start()
         config = self.config.clone()
         config.ckpt_path, config.overwrite = None, False
+        config.seed_everything = run_seed(trainer, config.seed_everything)  # a resume keeps the run's seed
         text = self.parser.dump(config, skip_none=False)
         path = root / self.config_filename  # (trainer.log_dir is a collective: this runs on process 0 only)
         try:
@@ -127,7 +128,8 @@ class AlignmentCLI(LightningCLI):
             kwargs["logger"] = self._run_loggers(root, subcommand_config) if fitting else False
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        callbacks.append(ExactResume())  # the RNG state and the run's identity in each checkpoint, checked on resume
+        # the RNG state, the run's identity and its seed in each checkpoint, checked on resume
+        callbacks.append(ExactResume(seed=subcommand_config.get("seed_everything")))
         if not fitting:
             return super().instantiate_trainer(callbacks=callbacks, **kwargs)
         if subcommand_config.get("wandb"):

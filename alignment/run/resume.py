@@ -224,20 +224,36 @@ class ExactResume(Callback):
     process layout) in each checkpoint. On resume, refuses another method, another setting of the model or the
     objective, or other training pairs or batching (comparing the hyper-parameters Lightning saved in the
     checkpoint with the current ones, less the knobs that may change: `MAY_CHANGE`, `DATA_MAY_CHANGE`), and puts
-    the RNG state back at the first step. Every `PreferenceModule` adds one (`configure_callbacks`).
+    the RNG state back at the first step. The CLI adds one to every trainer it builds.
+
+    It also records the seed the run was started with (`seed`, --seed_everything): a resumed run draws from the
+    checkpoint's RNG state, so another seed on resume changes nothing; the run keeps its own (`saved_seed`), says
+    so, and its config.yaml keeps it too (`run_seed`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self.saved_seed: int | None = None  # on a resume, the seed the run was started with
         self._rng_to_restore: dict[str, Any] | None = None
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # dropout's masks after the resume are those the run would have drawn, in every process
         checkpoint["rng"] = rng_states(trainer)
         checkpoint["run"] = run_identity(pl_module, trainer.datamodule, trainer)
+        seed = self.seed if self.saved_seed is None else self.saved_seed
+        if seed is not None:
+            checkpoint["run"]["seed"] = seed
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn == "fit" and "run" in checkpoint:  # a resume, not a validate --ckpt_path
             check_resume(checkpoint, pl_module, trainer.datamodule, trainer)
+            self.saved_seed = checkpoint["run"].get("seed")
+            if self.saved_seed is not None and self.saved_seed != self.seed and trainer.is_global_zero:
+                log.warning(
+                    "--seed_everything %s: the run was started with seed %s, and a resumed run draws from its "
+                    "checkpoint's random state, so it goes on as seed %s did; its config.yaml keeps %s",
+                    self.seed, self.saved_seed, self.saved_seed, self.saved_seed,
+                )  # fmt: skip
         states = checkpoint.get("rng") or [None]
         rank = trainer.global_rank
         self._rng_to_restore = states[rank] if rank < len(states) else states[0]
@@ -249,6 +265,12 @@ class ExactResume(Callback):
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+
+
+def run_seed(trainer: L.Trainer, given: Any) -> Any:
+    """The seed to write in a run's config.yaml: on a resume, the one the run was started with, else `given`."""
+    saved = [c.saved_seed for c in trainer.callbacks if isinstance(c, ExactResume) and c.saved_seed is not None]
+    return saved[0] if saved else given
 
 
 def run_identity(module, datamodule, trainer) -> dict[str, Any]:
