@@ -175,9 +175,12 @@ def base_bytes(policy: nn.Module) -> tuple[int, int]:
 
 
 def _quant_states(policy: nn.Module) -> Iterator:
+    """Each 4-bit layer's QuantState once (PEFT's LoRA wrapper reaches its base layer's weight too)."""
+    seen = set()
     for module in policy.modules():
         state = getattr(module, "quant_state", None) or getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None and hasattr(state, "absmax"):
+        if state is not None and hasattr(state, "absmax") and id(state) not in seen:
+            seen.add(id(state))
             yield state
 
 
