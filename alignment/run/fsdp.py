@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy, StrategyRegistry
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -55,9 +55,11 @@ class FSDPQLoRAStrategy(ModelParallelStrategy):
         super().__init__(save_distributed_checkpoint=False, **kwargs)
 
     def setup_environment(self) -> None:
-        # one mesh dimension over all processes: the base is sharded across nodes too (no tensor parallelism)
-        self._data_parallel_size = self.num_nodes * self.num_processes
-        self._tensor_parallel_size = 1
+        # one mesh dimension over all processes: the base is sharded across nodes too (no tensor parallelism); the
+        # sizes are only known now, and ModelParallelStrategy reads them here
+        world = self.num_nodes * self.num_processes
+        self._data_parallel_size = world  # private API, checked on lightning 2.6: see above
+        self._tensor_parallel_size = 1  # private API, checked on lightning 2.6: see above
         super().setup_environment()
 
     def setup(self, trainer) -> None:
@@ -99,10 +101,10 @@ class FSDPQLoRAStrategy(ModelParallelStrategy):
     def optimizer_state(self, optimizer) -> dict:
         return Strategy.optimizer_state(self, optimizer)
 
-    def save_checkpoint(self, checkpoint: dict, filepath: _PATH, storage_options=None) -> None:
+    def save_checkpoint(self, checkpoint: dict, filepath: str | Path, storage_options=None) -> None:
         Strategy.save_checkpoint(self, checkpoint, filepath, storage_options)
 
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict:
         return Strategy.load_checkpoint(self, checkpoint_path, weights_only)
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
