@@ -264,7 +264,7 @@ else:
 """
 
 
-def test_the_next_fit_removes_the_temp_files_of_a_save_killed_before(finished, tmp_path):
+def test_the_next_fit_removes_the_temp_files_of_a_save_killed_before(finished, tmp_path, capsys):
     """The run's own writers killed while writing (last.ckpt, config.yaml, metrics.csv, adapter/) leave their temp
     files; the next fit of the run removes them, and nothing else. Before: they stayed for good."""
     run = copy_run(finished, tmp_path / "run")
@@ -273,6 +273,8 @@ def test_the_next_fit_removes_the_temp_files_of_a_save_killed_before(finished, t
         assert killed.returncode == 9
     debris = {p for p in run.rglob(".*") if p.name != "fit.lock"}
     assert len(debris) == 4, debris  # .last.ckpt.*.tmp, .config.yaml.*.tmp, .metrics.csv.*.tmp, .adapter.*/
+    for path in debris:  # killed an hour ago: before this test process (which runs the next fit) began
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
     kept = [run / "checkpoints" / "notes.tmp", run / ".adapter.mine", run / "checkpoints" / "x.last.ckpt.abcdefgh.tmp",
             run / ".metrics.csv.abcdefgh.tmp"]  # fmt: skip
     for path in kept:
@@ -280,9 +282,8 @@ def test_the_next_fit_removes_the_temp_files_of_a_save_killed_before(finished, t
     os.utime(kept[-1], (time.time() + 3600, time.time() + 3600))  # a temp name, but newer than the next fit
     before = digest(run)
 
-    result = cli("fit", "--config", str(run / "config.yaml"), "--trainer.default_root_dir", str(run),
-                 "--ckpt_path", "last")  # fmt: skip
-    assert result.returncode == 0 and "nothing to resume" in result.stderr, result.stderr[-3000:]
+    main(["fit", "--config", str(run / "config.yaml"), "--trainer.default_root_dir", str(run), "--ckpt_path", "last"])
+    assert "nothing to resume" in capsys.readouterr().err
     assert not any(p.exists() for p in debris)
     assert all(p.read_text() == "the user's" for p in kept)
     gone = tuple(str(p.relative_to(run)) for p in debris)
@@ -307,3 +308,18 @@ def test_a_resume_with_another_seed_keeps_the_runs_seed_in_its_config(tmp_path, 
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["run"]["seed"] == 42
     assert "--seed_everything 7: the run was started with seed 42" in caplog.text
     assert "its config.yaml keeps 42" in caplog.text
+
+
+def test_a_merge_removes_the_staging_directories_of_a_merge_killed_before(finished, tmp_path):
+    """A merge writes beside --out and renames; a kill leaves `.NAME.merging-PID-*` (or `.NAME.old-PID`), which the
+    next merge into NAME removes once that process is gone, and not while it lives."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    debris = [tmp_path / f".merged.merging-{gone.pid}-abcdefgh", tmp_path / f".merged.old-{gone.pid}"]
+    alive = [tmp_path / f".merged.merging-{os.getpid()}-abcdefgh", tmp_path / f".other.merging-{gone.pid}-abcdefgh"]
+    for directory in debris + alive:
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"x" * 100)
+    main(["merge", str(finished), "--out", str(tmp_path / "merged"), "--dtype", "float32"])
+    assert not any(d.exists() for d in debris) and all(d.exists() for d in alive)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None

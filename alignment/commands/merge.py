@@ -54,10 +54,11 @@ def merge_adapter(
     adapter = adapter_dir(run)
     base, revision, trained = base_of(adapter, base, revision)
     in_4bit = bool(trained.get("load_in_4bit", True))
-    bases = [resolve_base(base, revision)]
-    if trained.get("base") not in (None, base):  # the base the run trained on is never written over either
-        bases.append(_source_or_none(trained["base"], trained.get("revision")))
-    target = _output_dir(Path(out), adapter, [b for b in bases if b], overwrite)
+    # the base of the merge and the one the run trained on (when a local directory) are never written over
+    bases = [Path(resolve_base(base, revision))]
+    if trained.get("base") and Path(trained["base"]).expanduser().is_dir():
+        bases.append(Path(trained["base"]).expanduser())
+    target = _output_dir(Path(out), adapter, bases, overwrite)
     torch_dtype = DTYPES[dtype]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,6 +74,7 @@ def merge_adapter(
     merged = policy.merge_and_unload().to(torch_dtype)
     _check_finite(merged, dtype, adapter)
     merged.config.dtype = torch_dtype
+    target.parent.mkdir(parents=True, exist_ok=True)
     _remove_staging_debris(target)
     staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.merging-{os.getpid()}-"))
     try:
@@ -88,21 +90,12 @@ def merge_adapter(
     return target
 
 
-def _source_or_none(base: str, revision: str | None) -> str | None:
-    from alignment.hub import resolve_base
-
-    try:
-        return resolve_base(base, revision)
-    except Exception:  # not here any more (another machine's path, an uncached hub name): nothing to protect
-        return None
-
-
-def _output_dir(out: Path, adapter: Path, bases: list[str], overwrite: bool) -> Path:
+def _output_dir(out: Path, adapter: Path, bases: list[Path], overwrite: bool) -> Path:
     """`out`, or a ConfigError when writing there could destroy something: the base (never), a run or a directory
     inside one, a directory holding something other than a model, or a model (unless `overwrite`)."""
     target = out.expanduser().absolute()
     real = target.resolve()
-    for base in [Path(b).resolve() for b in bases]:
+    for base in [b.resolve() for b in bases]:
         if real == base or real.is_relative_to(base) or base.is_relative_to(real):
             where = "is" if real == base else "is inside" if real.is_relative_to(base) else "holds"
             raise ConfigError(f"--out {out} {where} the base of the merge ({base}): writing there would destroy "
