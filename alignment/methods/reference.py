@@ -57,7 +57,7 @@ class ReferenceScorer:
                 return module.sequence_logps(batch, average=average)
         index = batch.index.cpu()
         missing = ~filled(table[index])
-        strategy = module.trainer.strategy
+        strategy = module.trainer.strategy if module.attached else None
         if getattr(strategy, "forwards_in_step", False):
             # a base sharded across the processes: a forward needs every one of them, so when one computes rows
             # here, each does (one that lacks none computes its batch's rows again)
