@@ -214,33 +214,17 @@ def test_two_nodes_launched_by_torchrun_equal_one_machine(runs):
     assert all(torch.equal(two_nodes[k], one_machine[k]) for k in one_machine)
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("fsdp")
+@pytest.mark.slow  # no shared fixture: these spread over the workers while one builds the runs above
 @pytest.mark.parametrize("config", ["demo.yaml", "demo_simpo.yaml", "demo_cpo.yaml", "demo_kto.yaml",
                                     "demo_sft.yaml"])  # fmt: skip
 def test_every_method_trains_three_steps(config, tmp_path):
     # DPO is the runs above (demo.yaml is ORPO)
     run = tmp_path / "run"
-    wait(
-        launch(
-            run,
-            "--config",
-            config,
-            "--trainer.accelerator",
-            "cpu",
-            *TWO,
-            "--trainer.strategy",
-            "fsdp_qlora",
-            "--trainer.max_steps",
-            "3",
-            "--data.limit",
-            "40",
-            "--trainer.enable_progress_bar",
-            "false",
-            *(["--model.reference_cache_dir", str(tmp_path / "cache")] if config == "demo_kto.yaml" else []),
-        )
-    )
-    # fmt: skip
+    cache = ["--model.reference_cache_dir", str(tmp_path / "cache")] if config == "demo_kto.yaml" else []
+    args = ["--config", config, "--trainer.accelerator", "cpu", *TWO, "--trainer.strategy", "fsdp_qlora",
+            "--trainer.max_steps", "3", "--data.limit", "40", "--trainer.enable_progress_bar", "false",
+            *cache]  # fmt: skip
+    wait(launch(run, *args))
     assert len(RESIDENT.findall(output(run))) == 2
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert all(v.abs().sum() > 0 for k, v in adapter(run).items() if "lora_B" in k)  # B starts at 0: it moved
