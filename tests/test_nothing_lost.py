@@ -187,6 +187,19 @@ def test_a_merge_that_overflows_float16_is_refused_and_writes_nothing(finished, 
     assert all_finite(merged.state_dict().values())
 
 
+def test_a_merge_of_an_adapter_holding_nan_is_refused(finished, tmp_path, capsys):
+    """An adapter saved by a run that diverged before fit stopped at it. Before: merged into a NaN model, exit 0."""
+    run = copy_run(finished, tmp_path / "run")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    save_file({k: v * float("nan") if k == first else v for k, v in tensors.items()}, weights)
+    line = main_line(capsys, "merge", str(run), "--out", str(tmp_path / "merged"), "--dtype", "float32")
+    assert line.startswith(f"error: the adapter {run / 'adapter'} holds 1 of {len(tensors)} tensors that are not "
+                           "finite"), line  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 # ---- 9. damaged files: one line naming the file ---------------------------------------------------------------------
 
 

@@ -71,8 +71,9 @@ def merge_adapter(
         policy = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError, KeyError) as err:
         raise ConfigError(f"the adapter {adapter} does not fit the base {base!r}: {err}") from err
+    _check_finite_adapter(policy, adapter)
     merged = policy.merge_and_unload().to(torch_dtype)
-    _check_finite(merged, dtype, adapter)
+    _check_finite(merged, dtype)
     merged.config.dtype = torch_dtype
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_staging_debris(target)
@@ -127,19 +128,25 @@ def _holds_model(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and not any(p.is_dir() for p in path.iterdir())
 
 
-def _check_finite(merged, dtype: str, adapter: Path) -> None:
+def _check_finite_adapter(policy, adapter: Path) -> None:
+    """A ConfigError when the adapter itself holds inf or NaN (a run that diverged before fit stopped at it)."""
+    lora = {name: p for name, p in policy.named_parameters() if "lora_" in name}
+    bad = [name for name, p in lora.items() if not p.isfinite().all()]
+    if bad:
+        raise ConfigError(f"the adapter {adapter} holds {len(bad)} of {len(lora)} tensors that are not finite (inf "
+                          "or NaN: its run diverged); nothing was written. Train it again with a lower "
+                          "--model.learning_rate")  # fmt: skip
+
+
+def _check_finite(merged, dtype: str) -> None:
     """A ConfigError, before anything is written, when merged weights are inf or NaN: float16 overflows past 65504."""
     tensors = merged.state_dict()
     bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
     if not bad:
         return
-    if dtype == "float32":
-        raise ConfigError(f"{len(bad)} of {len(tensors)} merged tensors are not finite even in float32 (first: "
-                          f"{bad[0]}): the adapter {adapter} holds inf or NaN (a run that diverged?); nothing was "
-                          "written")  # fmt: skip
+    wider = "--dtype bfloat16 (float32's range) or --dtype float32" if dtype == "float16" else "--dtype float32"
     raise ConfigError(f"--dtype {dtype}: {len(bad)} of {len(tensors)} merged tensors overflow it (inf or NaN, first: "
-                      f"{bad[0]}); nothing was written. Merge with --dtype bfloat16 (float32's range) or "
-                      "--dtype float32")  # fmt: skip
+                      f"{bad[0]}); nothing was written. Merge with {wider}")  # fmt: skip
 
 
 def _remove_staging_debris(target: Path) -> None:
