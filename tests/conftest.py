@@ -17,7 +17,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # tests in parallel processes: one th
     torch.set_num_threads(1)
 
 
+# Modules whose tests take minutes, heaviest first. They are collected first, so that under pytest -n the workers
+# start on them and the short tests fill in at the end, instead of a long test starting last and running alone.
+# Each module stays in one piece (its module-scoped fixtures are built once per worker).
+FIRST = ["test_real_model", "test_ddp", "test_fsdp", "test_method_mix", "test_sweep", "test_cli", "test_old_runs",
+         "test_start_adapter", "test_methods_learning", "test_rundir", "test_resume"]  # fmt: skip
+
+
+def _rank(item) -> int:
+    name = item.path.stem
+    return FIRST.index(name) if name in FIRST else len(FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_rank)  # stable: each module's tests keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
