@@ -15,6 +15,8 @@ export WANDB_MODE = offline
 # two worker processes, one per core (tests/conftest.py gives each one thread); tests sharing an expensive fixture
 # are grouped (xdist_group) so that one worker builds it. pytest exits 5 when it collects no test: make fails then.
 PYTEST = $(PYTHON) -m pytest -q -n 2 --dist loadgroup --durations=25
+# pyproject's addopts select the fast set for `pytest` as typed; -m "slow or not slow" selects every test
+ALL = -m "slow or not slow"
 
 .PHONY: demo test test-fast install install-dev
 
@@ -24,7 +26,7 @@ demo: install
 
 ## make test: install what the tests need (the real SmolLM2 model included), then run the whole suite
 test: install-dev
-	$(PYTEST)
+	$(PYTEST) $(ALL)
 
 ## make test-fast: the same install, then the tests not marked slow
 test-fast: install-dev
