@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from alignment.lazy import lazy_exports
 from alignment.methods import METHODS
 
 if TYPE_CHECKING:
@@ -26,14 +26,4 @@ _HOMES = {
 }
 __all__ = ["CPO", "DPO", "KTO", "ORPO", "SFT", "SimPO", "PreferenceBatch", "PreferenceDataModule", "PreferenceModule"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'alignment' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
-    globals()[name] = value  # once imported, an ordinary attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOMES])
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

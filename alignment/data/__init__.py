@@ -3,10 +3,9 @@ batches each method trains on (`batches`), resumable samplers (`samplers`) and t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from alignment.lazy import lazy_exports
 
-# imported on first use (PEP 562): a light submodule (rows, for the command line's checks) must not load torch
+# imported on first use: a light submodule (rows, for the command line's checks) must not load torch
 _HOMES = {
     "IGNORE_INDEX": "alignment.data.batches",
     "DataKind": "alignment.data.batches",
@@ -29,10 +28,4 @@ _HOMES = {
 }
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
