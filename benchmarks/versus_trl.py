@@ -13,8 +13,8 @@ Memory against length (`--seq-lens`): one process per system and length, 2 steps
         -- --algo orpo --size tiny-128k --bs 1 --prompt-len 128
 
 docs/performance.md's table, every workload in WORKLOADS (ours packed: padding-free, shared prompts; two rows also with
-selective checkpointing; two DPO rows against TRL with its adapters kept in fp32, `--trl-fp32-adapters`), N
-alternated rounds each, one command:
+selective checkpointing), against TRL right for right (its DPO adapters kept in fp32, bitsandbytes' CPU packing off)
+and, for DPO, TRL as shipped too, N alternated rounds each, one command:
 
     python benchmarks/versus_trl.py --trl-python python --rounds 3 --table
 
@@ -22,7 +22,9 @@ Flags after `--` go to both scripts (they share --algo --size --steps --warm --b
 --completion-len --vary --no-4bit --no-gc --precompute-ref); `--ours="..."` adds flags for ours only
 (with `=`, as its value starts with `--`). `--trl-fp32-adapters` (DPO): TRL's DPO trainer with its LoRA adapters
 cast back to fp32, as ours and TRL's ORPO keep them (see trl_reference_pass.py: in bf16 they are slow on a CPU
-without native bf16).
+without native bf16). `--trl-no-cpu-packing`: TRL's 4-bit weights are never repacked for bitsandbytes' CPU
+inference kernel, which on AVX512-BF16 CPUs gives wrong LoRA gradients after TRL's no-grad reference pass
+(tests/test_cpu_packing.py); ours never packs.
 """
 
 from __future__ import annotations
@@ -41,25 +43,27 @@ HERE = Path(__file__).resolve().parent
 TRL_SCRIPT = HERE.parents[1] / "shared" / "bench" / "trl_anchor.py"
 TRL_REFERENCE_PASS = HERE / "trl_reference_pass.py"  # the script above, with TRL's reference pass timed
 
-# docs/performance.md's table (--table): name -> (flags for both, flags for ours only, TRL's DPO adapters cast to fp32)
+# docs/performance.md's table (--table): name -> (flags for both, flags for ours only, TRL's variants); a variant is
+# (label, TRL's DPO adapters cast to fp32, bitsandbytes' CPU packing left on). Right for right is TRL with fp32
+# adapters and the packing off: on AVX512-BF16 CPUs the packed kernel trains on wrong LoRA gradients
+# (tests/test_cpu_packing.py), so TRL as shipped is a row of its own, never the ratio we claim.
 SMOLLM2 = ["--size", "smollm2", "--bs", "4", "--prompt-len", "64", "--completion-len", "192", "--vary",
            "--steps", "4", "--warm", "1"]  # fmt: skip
 TINY = ["--size", "tiny", "--bs", "4", "--prompt-len", "32", "--completion-len", "96", "--steps", "12", "--warm", "3"]
 PACKED = ["--padding-free", "--shared-prompt"]  # ours: no padding, each pair's prompt once
 SELECTIVE = [*PACKED, "--selective-gc"]  # and checkpointed layers keep their products' outputs
+RIGHT = ("TRL right for right (fp32 adapters, no CPU packing)", True, False)
+SHIPPED = ("TRL as shipped (bf16 adapters, CPU packing)", False, True)
 WORKLOADS = {
     "DPO, reference precomputed, smollm2, 64+192 varied": (
-        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], PACKED, False),
-    "ORPO, smollm2, 64+192 varied": (["--algo", "orpo", *SMOLLM2], PACKED, False),
+        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], PACKED, [RIGHT, SHIPPED]),
+    "ORPO, smollm2, 64+192 varied": (["--algo", "orpo", *SMOLLM2], PACKED, [RIGHT]),
     "DPO, reference precomputed, smollm2, 64+192 varied, selective checkpointing": (
-        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], SELECTIVE, False),
-    "ORPO, smollm2, 64+192 varied, selective checkpointing": (["--algo", "orpo", *SMOLLM2], SELECTIVE, False),
-    "DPO, reference precomputed, tiny, 32+96": (["--algo", "dpo", "--precompute-ref", *TINY], PACKED, False),
-    "ORPO, tiny, 32+96": (["--algo", "orpo", *TINY], PACKED, False),
-    "DPO, reference precomputed, smollm2, 64+192 varied, selective checkpointing; TRL's adapters in fp32": (
-        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], SELECTIVE, True),
-    "DPO, reference precomputed, tiny, 32+96; TRL's adapters in fp32": (
-        ["--algo", "dpo", "--precompute-ref", *TINY], PACKED, True),
+        ["--algo", "dpo", "--precompute-ref", *SMOLLM2], SELECTIVE, [RIGHT]),
+    "ORPO, smollm2, 64+192 varied, selective checkpointing": (["--algo", "orpo", *SMOLLM2], SELECTIVE, [RIGHT]),
+    "DPO, reference precomputed, tiny, 32+96": (
+        ["--algo", "dpo", "--precompute-ref", *TINY], PACKED, [RIGHT, SHIPPED]),
+    "ORPO, tiny, 32+96": (["--algo", "orpo", *TINY], PACKED, [RIGHT]),
 }  # fmt: skip
 
 
@@ -76,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ap.add_argument("--ours", default="", help="extra flags for bench.py only, one quoted string")
     ap.add_argument("--against-ours", default=None, help="compare with bench.py under these flags: --against-ours=...")
     ap.add_argument("--trl-fp32-adapters", action="store_true", help="DPO: TRL's adapters cast back to fp32")
+    ap.add_argument("--trl-no-cpu-packing", action="store_true",
+                    help="TRL's 4-bit weights never repacked for bitsandbytes' CPU inference kernel (AVX512-BF16 "
+                         "CPUs), which gives wrong LoRA gradients once a no-grad forward has packed them")  # fmt: skip
     return ap.parse_args(own), common
 
 
@@ -88,9 +95,10 @@ def run(system: str, args: argparse.Namespace, flags: list[str]) -> dict:
         command = [sys.executable, str(HERE / "bench.py"), *flags, *shlex.split(args.against_ours)]
     elif "--precompute-ref" in flags or args.trl_fp32_adapters:  # the same script, wrapped: see trl_reference_pass
         fp32 = ["--fp32-adapters"] if args.trl_fp32_adapters else []
-        command = [args.trl_python, str(TRL_REFERENCE_PASS), "--trl-script", args.trl_script, *fp32, *flags]
+        command = [args.trl_python, str(TRL_REFERENCE_PASS), "--trl-script", args.trl_script, *fp32, *flags,
+                   *trl_only(args)]  # fmt: skip
     else:
-        command = [args.trl_python, args.trl_script, *flags]
+        command = [args.trl_python, args.trl_script, *flags, *trl_only(args)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # both systems alike: see bench.py
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -103,6 +111,10 @@ def run(system: str, args: argparse.Namespace, flags: list[str]) -> dict:
         if line.startswith("REFERENCE "):
             result |= {k: v for k, v in json.loads(line[len("REFERENCE ") :]).items() if k.startswith("reference")}
     return result
+
+
+def trl_only(args: argparse.Namespace) -> list[str]:
+    return ["--no-cpu-packing"] if args.trl_no_cpu_packing else []
 
 
 def _systems(args: argparse.Namespace) -> list[str]:
@@ -173,23 +185,25 @@ def machine() -> str:
 def table(args: argparse.Namespace) -> dict:
     """Every workload of WORKLOADS, `args.rounds` alternated rounds each; one markdown table of the medians."""
     rows, summaries = [], {}
-    own_flags, trl_fp32 = args.ours, args.trl_fp32_adapters
-    for name, (flags, ours_only, fp32_adapters) in WORKLOADS.items():
-        print(f"== {name}", flush=True)
-        args.ours = shlex.join([*ours_only, *shlex.split(own_flags)])
-        args.trl_fp32_adapters = trl_fp32 or fp32_adapters
-        s = summaries[name] = throughput(args, flags)
-        rows.append(
-            f"| {name} | {s['ours_tokens_per_s']:,.1f} | {s['trl_tokens_per_s']:,.1f} | "
-            f"{s['speed_ratio']:.2f} ({s['speed_ratio_min']:.2f}, {s['speed_ratio_max']:.2f}) | "
-            f"{s['memory_ratio']:.2f} ({s['memory_ratio_min']:.2f}, {s['memory_ratio_max']:.2f}) |"
-        )
-        if "reference_ratio" in s:
+    own_flags, trl_fp32, trl_packing = args.ours, args.trl_fp32_adapters, args.trl_no_cpu_packing
+    for name, (flags, ours_only, variants) in WORKLOADS.items():
+        for label, fp32_adapters, cpu_packing in variants:
+            print(f"== {name}; {label}", flush=True)
+            args.ours = shlex.join([*ours_only, *shlex.split(own_flags)])
+            args.trl_fp32_adapters = trl_fp32 or (fp32_adapters and "dpo" in flags)
+            args.trl_no_cpu_packing = not cpu_packing
+            s = summaries[f"{name}; {label}"] = throughput(args, flags)
             rows.append(
-                f"| {name}: the reference pass, pairs/s | | | {s['reference_ratio']:.2f} "
-                f"({s['reference_ratio_min']:.2f}, {s['reference_ratio_max']:.2f}) | |"
+                f"| {name} | {label} | {s['ours_tokens_per_s']:,.1f} | {s['trl_tokens_per_s']:,.1f} | "
+                f"{s['speed_ratio']:.2f} ({s['speed_ratio_min']:.2f}, {s['speed_ratio_max']:.2f}) | "
+                f"{s['memory_ratio']:.2f} ({s['memory_ratio_min']:.2f}, {s['memory_ratio_max']:.2f}) |"
             )
-    args.ours, args.trl_fp32_adapters = own_flags, trl_fp32
+            if "reference_ratio" in s:
+                rows.append(
+                    f"| {name}: the reference pass, pairs/s | {label} | | | {s['reference_ratio']:.2f} "
+                    f"({s['reference_ratio_min']:.2f}, {s['reference_ratio_max']:.2f}) | |"
+                )
+    args.ours, args.trl_fp32_adapters, args.trl_no_cpu_packing = own_flags, trl_fp32, trl_packing
     threads = {name: os.environ.get(name, default) for name, default in
                (("OMP_NUM_THREADS", "unset"), ("OMP_WAIT_POLICY", "PASSIVE"))}  # fmt: skip
     print(
@@ -197,8 +211,8 @@ def table(args: argparse.Namespace) -> dict:
         + ", ".join(f"{k}={v}" for k, v in threads.items())
         + "\n"
     )
-    print("| workload | ours tokens/s | TRL tokens/s | tokens/s ours / TRL | peak memory ours / TRL |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| workload | TRL | ours tokens/s | TRL tokens/s | tokens/s ours / TRL | peak memory ours / TRL |")
+    print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     return summaries
 

@@ -105,3 +105,27 @@ def test_trl_dpo_keeps_qlora_adapters_in_bf16_and_fp32_adapters_casts_them_back(
     # tiny: 2 layers x 7 linear layers x (A, B), all made bf16 by TRL's constructor, all cast back
     assert adapters == [{"cast_to_float32": {"torch.bfloat16": 28}}]
     assert any(line.startswith("RESULT ") for line in lines) and any(line.startswith("REFERENCE ") for line in lines)
+
+
+def test_table_compares_with_trl_right_for_right_and_shows_trl_as_shipped(monkeypatch):
+    """Every TRL run of the table has bitsandbytes' CPU packing off, except the rows labelled as shipped; DPO's
+    right-for-right rows cast TRL's adapters to fp32."""
+    import versus_trl
+
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        result = {"tokens_per_s": 10.0, "step_s": 1.0, "peak_rss_gib": 1.0}
+        return subprocess.CompletedProcess(command, 0, stdout="RESULT " + json.dumps(result) + "\n", stderr="")
+
+    monkeypatch.setattr(versus_trl.subprocess, "run", fake_run)
+    summaries = versus_trl.table(versus_trl.parse_args(["--trl-python", "python", "--rounds", "1", "--table"])[0])
+    trl = [c for c in commands if c[0] == "python"]
+    assert len(trl) == len(summaries) == sum(len(v[2]) for v in versus_trl.WORKLOADS.values())
+    shipped = [c for c in trl if "--no-cpu-packing" not in c]
+    assert shipped and all("--algo" in c and c[c.index("--algo") + 1] == "dpo" for c in shipped)
+    assert all("--fp32-adapters" not in c for c in shipped)
+    right_dpo = [c for c in trl if "--no-cpu-packing" in c and c[c.index("--algo") + 1] == "dpo"]
+    assert right_dpo and all("--fp32-adapters" in c for c in right_dpo)
+    assert len(shipped) + len([c for c in trl if "--no-cpu-packing" in c]) == len(trl)
