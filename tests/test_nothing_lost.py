@@ -5,6 +5,7 @@ that overflows, damaged files, a resume with another seed, the debris of a kill 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -336,3 +337,33 @@ def test_a_merge_removes_the_staging_directories_of_a_merge_killed_before(finish
     main(["merge", str(finished), "--out", str(tmp_path / "merged"), "--dtype", "float32"])
     assert not any(d.exists() for d in debris) and all(d.exists() for d in alive)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
+
+
+# ---- 11. labels: the counts and messages name them truthfully -----------------------------------------------------
+
+
+def test_kto_with_only_desirable_rows_says_so(tmp_path, caplog):
+    """Before: 'KTO: 12 desirable and 1 undesirable training examples' (a count floored at 1) and advice on weights
+    that have nothing to balance."""
+    from tests.test_kto import fit_kto
+
+    rows = [{"prompt": f"sort: {i}", "completion": "abc", "label": True} for i in range(16)]
+    with caplog.at_level(logging.WARNING):
+        fit_kto(tmp_path, write_jsonl(tmp_path / "rows.jsonl", rows), max_steps=1, reference_cache=False)
+    assert "KTO: all 12 training examples are labelled desirable (label true), none undesirable" in caplog.text
+    assert "1 undesirable" not in caplog.text and "not both" not in caplog.text
+
+
+def test_sft_on_rows_all_labelled_false_names_the_labels(tmp_path):
+    """4 rows, 1 held out for validation. Before: 'error: train: no row fits in max_length=192 (max_prompt_length=64)',
+    about lengths, not labels."""
+    rows = tmp_path / "rows.jsonl"
+    write_jsonl(rows, [{"prompt": f"q{i}", "completion": "a", "label": False} for i in range(4)])
+    line = error_line(cli("fit", "--config", "demo_sft.yaml", "--data.path", str(rows),
+                          "--trainer.default_root_dir", str(tmp_path / "run")))  # fmt: skip
+    assert line == (
+        f"error: {rows}: all 3 rows of the train split have field 'label' false (undesirable), and SFT trains on "
+        "desirable answers only: nothing to train on; train them with KTO (--model alignment.KTO), or set their "
+        "label to true"
+    ), line
+    assert not (tmp_path / "run").exists()

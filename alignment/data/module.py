@@ -10,6 +10,7 @@ estimate), with a desirable/undesirable label, padded to (2B, T) as pairs are. T
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -159,6 +160,13 @@ def single_answer_rows(
 def build_single_answers(rows: list, *, build: Callable, kind: DataKind, seed: int, split: str) -> list:
     """`build_pairs` for SFT's (prompt, answer) rows or KTO's labelled rows, from `single_answer_rows`."""
     pairs, labels = single_answer_rows(rows, kind, seed)
+    if rows and not pairs:  # SFT, every row labelled false: not a matter of lengths
+        file = re.sub(r", (line|row) \d+$", "", rows[0].source)
+        raise DataError(
+            f"{file}: all {len(rows)} rows of the {split} split have field 'label' false (undesirable), and SFT "
+            "trains on desirable answers only: nothing to train on; train them with KTO (--model alignment.KTO), or "
+            "set their label to true"
+        )
 
     def example(pair: TokenizedPair, position: int) -> TokenizedSequence | TokenizedUnpaired:
         if kind == "sequences":

@@ -98,11 +98,23 @@ class KTO(PreferenceModule):
             desirable = sum(example.desirable for example in train)
             hp = self.hparams
             advice = weights_advice(desirable, len(train) - desirable, hp.desirable_weight, hp.undesirable_weight)
+            if desirable in (0, len(train)):  # one label only: the weights have nothing to balance
+                advice = one_label_note(len(train), desirable > 0)
             if advice:
                 log.warning(advice)
 
     def on_fit_end(self) -> None:
         self.reference.finish()
+
+
+def one_label_note(n_examples: int, desirable: bool) -> str:
+    """What training on examples of one label does: only that label's loss term applies."""
+    label, other = ("desirable", "undesirable") if desirable else ("undesirable", "desirable")
+    return (
+        f"KTO: all {n_examples} training examples are labelled {label} (label {str(desirable).lower()}), none "
+        f"{other}: only the {label} examples' loss applies, and --model.desirable_weight / --model.undesirable_weight "
+        f"have nothing to balance; add {other} rows for KTO to contrast them"
+    )
 
 
 def kto_metrics(
