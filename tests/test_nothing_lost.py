@@ -367,3 +367,79 @@ def test_sft_on_rows_all_labelled_false_names_the_labels(tmp_path):
         "label to true"
     ), line
     assert not (tmp_path / "run").exists()
+
+
+# ---- 3. a changed base: the run records its base's weights, and a resume on other weights is refused --------------
+
+
+def test_a_resume_on_a_base_whose_weights_changed_is_refused(tmp_path):
+    """Stopped at step 2 of 4 (SIGTERM) on a base directory whose weights are then replaced. Before: the resume went
+    on, exit 0, training the adapter on weights it was not learnt for."""
+    base, run = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(resolve_base("tiny"), base)
+    result = cli("fit", *TINY, "--model.base", str(base), "--trainer.default_root_dir", str(run),
+                 "--trainer.max_steps", "4", "--trainer.callbacks+=tests.helpers.SignalAtStep",
+                 "--trainer.callbacks.step=2")  # fmt: skip
+    assert result.returncode == 0 and "stopped at step 2 (SIGTERM)" in result.stderr, result.stderr[-3000:]
+    record = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["run"]["model"]["base_weights"]
+    assert record.startswith("sha256:")
+
+    weights = load_file(base / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    before = digest(run)
+    line = error_line(cli("fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last"))
+    assert line.startswith(
+        f"error: cannot resume from {run / 'checkpoints' / 'last.ckpt'}: --model.base {base} holds other weights than "
+        f"the run was trained on ({record[:23]}... in the checkpoint, sha256:"
+    ), line
+    assert line.endswith("resume on the run's own base, or start a new run on this one in another "
+                         "--trainer.default_root_dir"), line  # fmt: skip
+    assert digest(run) == before
+
+
+# ---- 4. a copied or moved run: its config.yaml does not reach back into the run it came from ----------------------
+
+
+def test_overwrite_from_a_copied_runs_config_never_clears_the_original(finished, tmp_path, capsys, caplog):
+    """`cp -r run copy && fit --config copy/config.yaml --overwrite true`: config.yaml pins the original's absolute
+    default_root_dir. Before: the ORIGINAL run was cleared and trained over, the copy untouched."""
+    original = digest(finished)
+    copy = copy_run(finished, tmp_path / "copy")
+    copied = digest(copy)
+    line = error_line(cli("fit", "--config", str(copy / "config.yaml"), "--overwrite", "true"))
+    assert line == (
+        f"error: {copy / 'config.yaml'} sits in {copy} but pins --trainer.default_root_dir {finished} (which "
+        f"--overwrite true would clear): name the run directory on the command line, --trainer.default_root_dir "
+        f"{copy} for the run where the config sits, or {finished}"
+    ), line
+    line = main_line(capsys, "fit", "--config", str(copy / "config.yaml"), "--ckpt_path", "last")
+    assert f"pins --trainer.default_root_dir {finished} (the run --ckpt_path would continue)" in line, line
+    assert digest(finished) == original and digest(copy) == copied
+
+    with caplog.at_level(logging.WARNING):  # named on the command line: the copy is started over, and says so
+        main(["fit", "--config", str(copy / "config.yaml"), "--overwrite", "true", "--trainer.default_root_dir",
+              str(copy)])  # fmt: skip
+    assert f"--overwrite true: the run in {copy} is cleared once training starts" in caplog.text
+    assert digest(finished) == original and digest(copy) != copied
+    assert yaml.safe_load((copy / "config.yaml").read_text())["trainer"]["default_root_dir"] == str(copy)
+
+
+def test_a_moved_run_resumed_from_its_config_is_told_where_it_is(finished, tmp_path, capsys):
+    """A run trained in OLD, moved to MOVED: `fit --config MOVED/config.yaml --ckpt_path last`. Before: 'OLD/
+    checkpoints/last.ckpt does not exist, there is no run to continue in OLD; leave out --ckpt_path to start one'."""
+    old, moved = tmp_path / "old", copy_run(finished, tmp_path / "moved")
+    config = yaml.safe_load((moved / "config.yaml").read_text())
+    config["trainer"]["default_root_dir"] = str(old)
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    line = main_line(capsys, "fit", "--config", str(moved / "config.yaml"), "--ckpt_path", "last")
+    assert line == (
+        f"error: {moved / 'config.yaml'} sits in {moved} but pins --trainer.default_root_dir {old} (which does not "
+        f"exist: moved?): name the run directory on the command line, --trainer.default_root_dir {moved} for the "
+        f"run where the config sits, or {old}"
+    ), line
+    assert not old.exists()
+    main(["fit", "--config", str(moved / "config.yaml"), "--ckpt_path", "last", "--trainer.default_root_dir",
+          str(moved)])  # fmt: skip
+    assert f"nothing to resume: {moved} finished at step 2" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from alignment.data.rows import FIELDS
 from alignment.errors import ConfigError
 from alignment.files import check_writable
 from alignment.run.fsdp import check_strategy  # also registers --trainer.strategy fsdp_qlora
+from alignment.run.rundir import check_config_home
 
 COLUMNS_HINT = (
     f"expected a mapping of field ({', '.join(FIELDS)}) to the data's column, "
@@ -41,7 +42,11 @@ class AlignmentParser(LightningArgumentParser):
     def parse_args(self, *args: Any, **kwargs: Any) -> Namespace:
         config = super().parse_args(*args, **kwargs)
         if config.get("subcommand"):
-            check_settings(config[config.subcommand], fitting=config.subcommand == "fit")
+            fitting = config.subcommand == "fit"
+            check_settings(config[config.subcommand], fitting=fitting)
+            if fitting:
+                argv = args[0] if args and args[0] is not None else kwargs.get("args") or sys.argv[1:]
+                check_run_config(config.fit, [str(a) for a in argv])
         return config
 
 
@@ -91,6 +96,13 @@ def check_settings(config: Namespace, fitting: bool = True) -> None:
         check_writable(config.trainer.default_root_dir, "--trainer.default_root_dir")
     if config.get("wandb"):
         check_wandb_login()
+
+
+def check_run_config(config: Namespace, argv: list[str]) -> None:
+    """A run's config.yaml copied or moved elsewhere must not reach back into the run it came from."""
+    resuming, overwrite = config.get("ckpt_path") is not None, bool(config.get("overwrite"))
+    check_config_home(config.get("config"), config.trainer.get("default_root_dir"), argv, resuming=resuming,
+                      overwrite=overwrite)  # fmt: skip
 
 
 def check_wandb_login() -> None:

@@ -19,6 +19,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from alignment.errors import ConfigError, RunDirError
 from alignment.files import atomic_write
+from alignment.hub import resolve_base
+from alignment.methods.reference_cache import weights_identity
 from alignment.run.rundir import write_error
 
 log = logging.getLogger(__name__)
@@ -235,18 +237,24 @@ class ExactResume(Callback):
         self.seed = seed
         self.saved_seed: int | None = None  # on a resume, the seed the run was started with
         self._rng_to_restore: dict[str, Any] | None = None
+        self._base_weights: dict[str, str | None] = {}  # the base's identity, worked out once per run
+
+    def base_weights(self, pl_module: L.LightningModule) -> str | None:
+        if "base" not in self._base_weights:
+            self._base_weights["base"] = base_identity(pl_module)
+        return self._base_weights["base"]
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # dropout's masks after the resume are those the run would have drawn, in every process
         checkpoint["rng"] = rng_states(trainer)
-        checkpoint["run"] = run_identity(pl_module, trainer.datamodule, trainer)
+        checkpoint["run"] = run_identity(pl_module, trainer.datamodule, trainer, self.base_weights(pl_module))
         seed = self.seed if self.saved_seed is None else self.saved_seed
         if seed is not None:
             checkpoint["run"]["seed"] = seed
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn == "fit" and "run" in checkpoint:  # a resume, not a validate --ckpt_path
-            check_resume(checkpoint, pl_module, trainer.datamodule, trainer)
+            check_resume(checkpoint, pl_module, trainer.datamodule, trainer, self.base_weights(pl_module))
             self.saved_seed = checkpoint["run"].get("seed")
             if self.saved_seed is not None and self.saved_seed != self.seed and trainer.is_global_zero:
                 log.warning(
@@ -273,10 +281,22 @@ def run_seed(trainer: L.Trainer, given: Any) -> Any:
     return saved[0] if saved else given
 
 
-def run_identity(module, datamodule, trainer) -> dict[str, Any]:
+def base_identity(module) -> str | None:
+    """What names the weights of the module's base (`--model.base`), as the reference cache names them: the commit
+    of a hub snapshot, else a hash of the directory's files (remembered per file, so hashed once)."""
+    hparams = getattr(module, "hparams", {})
+    if hparams.get("base") is None:
+        return None
+    revision = hparams.get("revision")
+    return weights_identity(resolve_base(hparams["base"], revision), revision)
+
+
+def run_identity(module, datamodule, trainer, base_weights: str | None = None) -> dict[str, Any]:
     """What a checkpoint records of its run beside the hyper-parameters Lightning saves: the method, the weights of
-    the adapter it started from, the training pairs, and the process layout."""
+    its base and of the adapter it started from, the training pairs, and the process layout."""
     identity: dict[str, Any] = {"method": type(module).__name__, "model": {}}
+    if base_weights is not None:  # a directory's files may have been replaced under the same --model.base
+        identity["model"]["base_weights"] = base_weights
     if getattr(module, "starting_adapter", None):  # --model.adapter's file may have been trained over since
         identity["model"]["adapter_weights"] = module.starting_adapter["weights"]
     if datamodule is not None and hasattr(datamodule, "digest"):
@@ -289,17 +309,21 @@ def _settings(hparams: Any, may_change: set[str]) -> dict[str, Any]:
     return {k: v for k, v in dict(hparams or {}).items() if k not in may_change and not k.startswith("_")}
 
 
-def check_resume(checkpoint: dict, module, datamodule, trainer) -> None:
-    """Refuse a different method, model, objective or data; warn when only the process layout differs."""
-    saved, current = checkpoint["run"], run_identity(module, datamodule, trainer)
+def check_resume(checkpoint: dict, module, datamodule, trainer, base_weights: str | None = None) -> None:
+    """Refuse a different method, base, model, objective or data; warn when only the process layout differs.
+    A checkpoint written before runs recorded their base's weights resumes on whatever the base holds now."""
+    saved, current = checkpoint["run"], run_identity(module, datamodule, trainer, base_weights)
     where = str(trainer.ckpt_path or "the checkpoint")
     if saved.get("method") != current["method"]:
         raise ConfigError(
             f"cannot resume: {where} was trained with {saved.get('method')}, this run is {current['method']}; "
             "start a new run in another --trainer.default_root_dir"
         )
-    model = _settings(checkpoint.get("hyper_parameters"), MAY_CHANGE) | saved.get("model", {})
-    groups = {"model": (model, _settings(module.hparams, MAY_CHANGE) | current["model"])}
+    saved_model = {k: v for k, v in saved.get("model", {}).items() if k != "base_weights"}
+    current_model = {k: v for k, v in current["model"].items() if k != "base_weights"}
+    check_base(saved.get("model", {}).get("base_weights"), base_weights, module, checkpoint, where)
+    model = _settings(checkpoint.get("hyper_parameters"), MAY_CHANGE) | saved_model
+    groups = {"model": (model, _settings(module.hparams, MAY_CHANGE) | current_model)}
     if "data" in current and "datamodule_hyper_parameters" in checkpoint:
         data = _settings(checkpoint["datamodule_hyper_parameters"], DATA_MAY_CHANGE) | saved.get("data", {})
         groups["data"] = (data, _settings(datamodule.hparams, DATA_MAY_CHANGE) | current["data"])
@@ -319,3 +343,19 @@ def check_resume(checkpoint: dict, module, datamodule, trainer) -> None:
             "resuming with %s instead of %s: training continues, but the batches differ from an uninterrupted run",
             current["processes"], saved.get("processes"),
         )  # fmt: skip
+
+
+def check_base(saved: str | None, now: str | None, module, checkpoint: dict, where: str) -> None:
+    """Refuse a resume whose `--model.base` names the run's base but holds other weights (a directory whose files
+    were replaced, a snapshot of another commit). Identities of different kinds (a hub name resolved online, its
+    snapshot offline) cannot be compared, and a checkpoint without the record (an older run) passes."""
+    if saved is None or now is None or saved.split(":", 1)[0] != now.split(":", 1)[0] or saved == now:
+        return
+    base = module.hparams.get("base")
+    if (checkpoint.get("hyper_parameters") or {}).get("base", base) != base:
+        return  # another --model.base altogether: the comparison of the settings names it
+    raise ConfigError(
+        f"cannot resume from {where}: --model.base {base} holds other weights than the run was trained on "
+        f"({saved[:23]}... in the checkpoint, {now[:23]}... now); resume on the run's own base, or start a new run "
+        "on this one in another --trainer.default_root_dir"
+    )

@@ -182,6 +182,37 @@ def remove_debris(path: Path) -> None:
         log.info("removed %d temp files of an interrupted save from %s (%.1f MB)", removed, path, size / 1e6)
 
 
+def check_config_home(config_files: list, root: str | Path | None, argv: list[str], *, resuming: bool,
+                      overwrite: bool) -> None:  # fmt: skip
+    """A run's config.yaml pins its run directory (`trainer.default_root_dir`, often absolute): copied or moved with
+    the run, it would still point at the run it came from. So a `--config .../config.yaml` sitting in another
+    directory than the one it pins is refused unless `--trainer.default_root_dir` is given on the command line,
+    naming both: `--overwrite true` never clears, and `--ckpt_path last` never continues, a run the user did not
+    name. A fit that starts a run over names the directory it will clear."""
+    if root is None:
+        return
+    root = Path(root)
+    named = any(arg == "--trainer.default_root_dir" or arg.startswith("--trainer.default_root_dir=") for arg in argv)
+    for file in (Path(str(f)) for f in config_files or []):
+        if named or file.name != RUN_CONFIG or file.parent.resolve() == root.resolve():
+            continue
+        if not root.exists():
+            what = "which does not exist: moved?"
+        elif overwrite:
+            what = "which --overwrite true would clear"
+        elif resuming:
+            what = "the run --ckpt_path would continue"
+        else:
+            what = "where this fit would train"
+        raise ConfigError(
+            f"{file} sits in {file.parent} but pins --trainer.default_root_dir {root} ({what}): name the run "
+            f"directory on the command line, --trainer.default_root_dir {file.parent} for the run where the config "
+            f"sits, or {root}"
+        )
+    if overwrite and holds_run(root):
+        log.warning("--overwrite true: the run in %s is cleared once training starts", root)
+
+
 def release_runs() -> None:
     """Release the run directories this process locked: the next fit in the same process (a notebook, a test) may
     use them again. A directory the lock itself made and nothing else wrote to (a fit refused before it began)
