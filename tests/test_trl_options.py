@@ -309,7 +309,13 @@ def test_kto_module_with_apo_zero_unpaired_scores_no_kl_rows():
      ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "1 weights for 2 loss types"),
      ({"loss_type": "bco_pair", "f_divergence_type": "js_divergence"}, "not defined for loss_type bco_pair"),
      ({"loss_type": ["sigmoid", "aot_unpaired"], "use_weighting": True}, "not defined for loss_type aot_unpaired"),
-     ({"ld_alpha": 0.5}, "ld_alpha needs --model.reference_cache false"),
+     ({"ld_alpha": 0.5, "reference_cache": True}, "reference_cache true does not go with --model.ld_alpha"),
+     ({"sync_ref_model": True, "reference_cache": True},
+      "reference_cache true does not go with --model.sync_ref_model"),
+     ({"ref_model_mixup_alpha": 1.0}, "read only with --model.sync_ref_model true"),
+     ({"ref_model_sync_steps": 64}, "read only with --model.sync_ref_model true"),
+     ({"sync_ref_model": True, "ref_model_mixup_alpha": 0.0}, "ref_model_mixup_alpha must be in (0, 1]"),
+     ({"sync_ref_model": True, "ref_model_sync_steps": 0}, "ref_model_sync_steps must be >= 1"),
      ({"ld_alpha": 1.5, "reference_cache": False}, "ld_alpha must be in [0, 1]"),
      ({"f_alpha_divergence_coef": 0.3}, "read only with --model.f_divergence_type alpha_divergence"),
      ({"use_weighting": True, "padding_free": True}, "set --model.padding_free false"),
@@ -377,6 +383,13 @@ def test_dpo_module_composes_ld_wpo_and_the_loss_list_as_the_pure_functions():
     for loss_type, term in terms.items():
         torch.testing.assert_close(metrics[f"loss/{loss_type}"], term)
     assert "train/loss/sft" in {f"train/{name}" for name in module.metric_names}
+
+
+def test_the_reference_cache_left_out_is_off_where_the_reference_cannot_be_cached():
+    assert DPO(base="tiny").reference.cache  # the default: on
+    assert not DPO(base="tiny", ld_alpha=0.5).reference.cache
+    assert not DPO(base="tiny", sync_ref_model=True).reference.cache
+    assert DPO(base="tiny", sync_ref_model=True).hparams.reference_cache is None  # the config says what was given
 
 
 def test_ld_alpha_one_and_reverse_kl_give_the_plain_loss():

@@ -180,12 +180,13 @@ class PreferenceModule(L.LightningModule):
     @contextmanager
     def reference_model(self) -> Iterator[None]:
         """Inside, under no_grad and in eval mode (no dropout), the policy is the reference: the base with adapters
-        disabled, or the frozen copy of the starting adapter when training started from one."""
+        disabled, or the frozen reference adapter when there is one (a copy of the adapter training started from;
+        DPO's moving reference under sync_ref_model)."""
         was_training = self.policy.training
         self.policy.eval()
         try:
             with torch.no_grad():
-                if self.hparams.adapter is None:
+                if REFERENCE_ADAPTER not in self.policy.peft_config:
                     with self.policy.disable_adapter():
                         yield
                     return

@@ -1,11 +1,15 @@
-"""DPO: preference optimization against a frozen reference, whose log-probs come from a cache."""
+"""DPO: preference optimization against a frozen reference, whose log-probs come from a cache; or, TR-DPO, against
+a reference that moves toward the policy during training."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import Tensor
 
 from alignment.data import PreferenceBatch
+from alignment.errors import ConfigError
 from alignment.logprobs import IGNORE_INDEX, logps_dtype
 from alignment.losses import (
     DPOLossType,
@@ -22,7 +26,9 @@ from alignment.losses import (
     wpo_pair_weights,
 )
 from alignment.methods.base import REWARD_METRICS, PreferenceModule, Split, _check, answer_tokens, reward_metrics
-from alignment.methods.reference import ReferenceScorer
+from alignment.methods.reference import ReferenceScorer, add_moving_reference, reference_pairs, sync_reference
+
+log = logging.getLogger(__name__)
 
 
 class DPO(PreferenceModule):
@@ -45,8 +51,8 @@ class DPO(PreferenceModule):
             chosen answers' token-mean NLL) or sigmoid_norm (sigmoid on per-token mean log-ratios).
         loss_weights: one weight per loss_type when it is a list; None: 1 each.
         ld_alpha: LD-DPO (Liu et al. 2024): the tokens of the longer answer of a pair past the shorter one's length
-            count ld_alpha times in its log-probs (policy and reference), in [0, 1]; None: plain sums. Needs
-            reference_cache false (the cache keeps plain sums) and padding_free false; computes full logits.
+            count ld_alpha times in its log-probs (policy and reference), in [0, 1]; None: plain sums. Not with
+            the reference cache (it keeps plain sums) nor padding_free; computes full logits.
         use_weighting: WPO (Zhou et al. 2024): each pair's loss weighted by the policy's length-normalized
             probabilities of its two answers (detached); not with aot or aot_unpaired. Needs padding_free false;
             computes full logits.
@@ -59,9 +65,16 @@ class DPO(PreferenceModule):
             EXO's epsilon for exo_pair); ignored by the others.
         rpo_alpha: weight of the chosen answers' NLL added to the loss (RPO, Pang et al. 2024); 0: none.
         discopop_tau: DiscoPOP's temperature (0.05 in its paper).
+        sync_ref_model: TR-DPO (Gorbatovski et al. 2024): the reference is a second, frozen LoRA adapter that
+            starts as the reference would (the bare base, or the starting adapter) and moves toward the policy's
+            adapter every ref_model_sync_steps optimizer steps; scored in every step (not with the reference cache).
+        ref_model_mixup_alpha: TR-DPO's alpha: each parameter of the reference adapter (LoRA's A and B apart)
+            becomes alpha * the policy's + (1 - alpha) * its own; 1: a copy (the hard update). In (0, 1].
+        ref_model_sync_steps: TR-DPO's tau: optimizer steps between two updates of the reference.
         reference_cache: compute the reference log-probs once before training and keep them on disk for later
             runs on the same model and data (a short run computes only the pairs its steps read, a longer one adds
-            the rest); false: a reference forward in every step.
+            the rest); false: a reference forward in every step. None: on, unless ld_alpha or sync_ref_model is
+            set (their reference cannot be cached), then off.
         reference_cache_dir: where the cache lives; None: `reference/` in the alignment cache
             (`$ALIGNMENT_CACHE`, default ~/.cache/alignment).
     """
@@ -80,7 +93,10 @@ class DPO(PreferenceModule):
         use_weighting: bool = False,
         f_divergence_type: FDivergenceType = "reverse_kl",
         f_alpha_divergence_coef: float = 0.5,
-        reference_cache: bool = True,
+        sync_ref_model: bool = False,
+        ref_model_mixup_alpha: float = 0.6,
+        ref_model_sync_steps: int = 512,
+        reference_cache: bool | None = None,
         reference_cache_dir: str | None = None,
         **kwargs,
     ):
@@ -93,18 +109,23 @@ class DPO(PreferenceModule):
         _check(rpo_alpha >= 0, f"--model.rpo_alpha must be >= 0, got {rpo_alpha}")
         _check(discopop_tau > 0, f"--model.discopop_tau must be > 0, got {discopop_tau}")
         _check(ld_alpha is None or 0 <= ld_alpha <= 1, f"--model.ld_alpha must be in [0, 1] or null, got {ld_alpha}")
-        _check(ld_alpha is None or not reference_cache,
-               "--model.ld_alpha needs --model.reference_cache false: the cache keeps the reference's plain sums, "
-               "LD-DPO weighs its tokens")  # fmt: skip
         _check(f_alpha_divergence_coef == 0.5 or f_divergence_type == "alpha_divergence",
                f"--model.f_alpha_divergence_coef is read only with --model.f_divergence_type alpha_divergence, not "
                f"{f_divergence_type}")  # fmt: skip
+        _check(sync_ref_model or (ref_model_mixup_alpha == 0.6 and ref_model_sync_steps == 512),
+               "--model.ref_model_mixup_alpha and --model.ref_model_sync_steps are read only with "
+               "--model.sync_ref_model true")  # fmt: skip
+        _check(0 < ref_model_mixup_alpha <= 1, f"--model.ref_model_mixup_alpha must be in (0, 1], got "
+               f"{ref_model_mixup_alpha}")  # fmt: skip
+        _check(ref_model_sync_steps >= 1, f"--model.ref_model_sync_steps must be >= 1, got {ref_model_sync_steps}")
+        cache = _reference_cache(reference_cache, ld_alpha=ld_alpha, sync_ref_model=sync_ref_model)
         super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records these too
         _check(not self.per_token or not self.hparams.padding_free,
                "--model.ld_alpha and --model.use_weighting read per-token log-probs of the padded forward: set "
                "--model.padding_free false")  # fmt: skip
         self.reward_mean = RunningMean()  # bco_pair's reward shift: state for an exact resume
-        self.reference = ReferenceScorer(self, cache=reference_cache, cache_dir=reference_cache_dir)
+        self.reference = ReferenceScorer(self, cache=cache, cache_dir=reference_cache_dir)
+        self.reference_synced_step = 0  # TR-DPO: the optimizer step the reference adapter was last moved at
 
     @property
     def loss_types(self) -> list[str]:
@@ -194,20 +215,77 @@ class DPO(PreferenceModule):
             self.reward_mean.update(torch.cat([chosen_rewards, rejected_rewards]), gather=gather)
         return self.reward_mean.mean
 
+    # ---- TR-DPO's moving reference ----------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        fresh = self.policy is None
+        super().configure_model()
+        if fresh and self.hparams.sync_ref_model:
+            add_moving_reference(self.policy)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.sync_reference_if_due()
+
+    def on_validation_start(self) -> None:
+        self.sync_reference_if_due()
+
+    def sync_reference_if_due(self) -> None:
+        """Under sync_ref_model, the reference adapter moved toward the policy's once for an optimizer step that is
+        a multiple of ref_model_sync_steps (TRL moves it at the end of that step). Done here, before the next
+        forward that reads it (the next step's or validation's), so a checkpoint written between the step and the
+        update holds the reference before it with its step, and a run resumed from it makes the same update."""
+        hp, step = self.hparams, self.global_step
+        if hp.sync_ref_model and step > self.reference_synced_step and step % hp.ref_model_sync_steps == 0:
+            sync_reference(self.policy, hp.ref_model_mixup_alpha)
+            self.reference_synced_step = step
+
+    def reference_adapter(self) -> dict[str, Tensor]:
+        """The moving reference's weights, each by the name of the policy parameter it follows."""
+        names = {id(p): name for name, p in self.named_parameters()}
+        return {names[id(current)]: reference for reference, current in reference_pairs(self.policy)}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["reward_mean"] = self.reward_mean.state_dict()
+        if self.hparams.sync_ref_model:  # frozen, so not in the adapter-only state dict: kept beside it
+            weights = {name: value.detach().clone() for name, value in self.reference_adapter().items()}
+            checkpoint["moving_reference"] = {"synced_step": self.reference_synced_step, "weights": weights}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if "reward_mean" in checkpoint:
             self.reward_mean.load_state_dict(checkpoint["reward_mean"])
+        if not self.hparams.sync_ref_model:
+            return
+        saved = checkpoint.get("moving_reference")
+        if saved is None:
+            raise ConfigError("the checkpoint holds no moving reference (it was not trained with "
+                              "--model.sync_ref_model true): start a new run to use TR-DPO")  # fmt: skip
+        with torch.no_grad():
+            for name, reference in self.reference_adapter().items():
+                reference.copy_(saved["weights"][name])
+        self.reference_synced_step = int(saved["synced_step"])
 
     def on_fit_start(self) -> None:
         self.reference.prepare()
 
     def on_fit_end(self) -> None:
         self.reference.finish()
+
+
+def _reference_cache(reference_cache: bool | None, *, ld_alpha: float | None, sync_ref_model: bool) -> bool:
+    """Whether the reference log-probs come from the cache: --model.reference_cache, or when it is left out (None),
+    whether the reference can be cached at all. Set true where it cannot be: refused."""
+    why = None
+    if sync_ref_model:
+        why = "--model.sync_ref_model: the reference moves during training, its log-probs change"
+    elif ld_alpha is not None:
+        why = "--model.ld_alpha: the cache keeps the reference's plain sums, LD-DPO weighs its tokens"
+    _check(not (reference_cache and why), f"--model.reference_cache true does not go with {why}; leave it out or "
+           "set it false")  # fmt: skip
+    if reference_cache is None and why:
+        log.info("reference cache off (%s): the reference is scored in every step", why)
+    return why is None if reference_cache is None else reference_cache
 
 
 def _loss_types(loss_type: str | list[str]) -> list[str]:

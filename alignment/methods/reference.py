@@ -3,8 +3,8 @@ cache (`alignment.methods.reference_cache`) or a forward of the reference.
 
 A method holds one (`module.reference`) and asks it for the log-probs of a batch's two answer rows per item: a
 pair's chosen and rejected answers, or KTO's completion and its mismatched KL completion. The reference model is
-the method's own policy inside `module.reference_model()`: the base with adapters off, or the frozen starting
-adapter.
+the method's own policy inside `module.reference_model()`: the base with adapters off, or the frozen reference
+adapter (the starting adapter, or TR-DPO's moving reference: `add_moving_reference`, `sync_reference`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import logging
 from functools import partial
 
 import torch
+from peft import PeftModel
 from torch import Tensor
+from torch.nn import Parameter
 
 from alignment.data import IGNORE_INDEX, PreferenceBatch, PreferenceDataModule, Split, UnpairedBatch
 from alignment.hub import resolve_base
@@ -27,6 +29,7 @@ from alignment.methods.reference_cache import (
     train_pairs_read,
     weights_identity,
 )
+from alignment.model.load import POLICY_ADAPTER, REFERENCE_ADAPTER
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +148,34 @@ class ReferenceScorer:
         if module.starting_adapter is not None:  # the reference is that adapter: an entry of the bare base is unread
             identity["adapter"] = module.starting_adapter
         return identity
+
+
+# ---- TR-DPO's moving reference ------------------------------------------------------------------------------------
+
+
+def add_moving_reference(policy: PeftModel) -> None:
+    """A second LoRA adapter beside the policy's (`REFERENCE_ADAPTER`), frozen, equal to the policy's adapter now: the
+    bare base while that one is new (LoRA's B starts at 0), or the starting adapter. `sync_reference` moves it."""
+    if REFERENCE_ADAPTER not in policy.peft_config:  # training from an adapter: its frozen copy is already there
+        policy.add_adapter(REFERENCE_ADAPTER, policy.peft_config[POLICY_ADAPTER])
+    with torch.no_grad():
+        for reference, current in reference_pairs(policy):
+            reference.copy_(current)
+            reference.requires_grad_(False)
+
+
+def reference_pairs(policy: PeftModel) -> list[tuple[Parameter, Parameter]]:
+    """(reference adapter's, policy adapter's) parameter for each LoRA weight (A and B of every target module),
+    matched by name."""
+    params = dict(policy.named_parameters())
+    mine, theirs = f".{POLICY_ADAPTER}.", f".{REFERENCE_ADAPTER}."
+    return [(params[name.replace(mine, theirs)], p) for name, p in params.items() if mine in name and "lora_" in name]
+
+
+@torch.no_grad()
+def sync_reference(policy: PeftModel, alpha: float) -> None:
+    """TR-DPO's soft update (Gorbatovski et al. 2024, arXiv:2404.09656), as TRL's SyncRefModelCallback applies it:
+    theta_ref <- alpha * theta + (1 - alpha) * theta_ref on each parameter of the reference adapter, LoRA's A and B
+    apart (not their product B @ A); alpha = 1 is the hard update, a copy."""
+    for reference, current in reference_pairs(policy):
+        reference.mul_(1.0 - alpha).add_(current, alpha=alpha)
