@@ -7,7 +7,9 @@ and split where its tokens part from the prompt's own; encoding an answer on its
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from typing import NamedTuple
 
 from tqdm.auto import tqdm
@@ -106,6 +108,51 @@ def _content_spans(prompt: str, messages: list[dict[str, str]] | None) -> tuple[
     return spans, len(prompt) if first is None else first
 
 
+def cut_row(row: PreferenceRow, max_length: int) -> PreferenceRow:
+    """The row with text that no truncation to `max_length` tokens can keep left out before tokenizing it: a few
+    hundred MB in one row would otherwise cost GBs and minutes, for 192 tokens kept.
+
+    An answer keeps its start (truncation keeps an answer's first tokens), the system field and each prompt message
+    their start and end (a prompt keeps its first `head` tokens and its end), each part `bound` characters: at most
+    `CHARS_PER_TOKEN` characters a token on average, so that the part still holds `max_length` tokens and `MARGIN`
+    more, where the cut's own effect on tokenization (a word split in two) stays. `tokenize_rows` checks that the
+    cut text holds that many tokens, and tokenizes the whole text of a row where it does not."""
+    bound = CHARS_PER_TOKEN * (max_length + MARGIN)
+
+    def ends(text: str) -> str:
+        return text if len(text) <= 2 * bound else text[:bound] + text[-bound:]
+
+    def start(text: str) -> str:
+        return text[:bound]
+
+    cut = dataclasses.replace(
+        row, prompt=_cut_text(row.prompt, ends), chosen=_cut_text(row.chosen, start),
+        rejected=_cut_text(row.rejected, start), system=ends(row.system) if row.system else row.system,
+    )  # fmt: skip
+    return row if cut == row else cut
+
+
+CHARS_PER_TOKEN = 64  # far more than any tokenizer's average over a long text (English: about 4)
+MARGIN = 16  # tokens past the last one a truncation may keep, between it and a cut
+
+
+def _cut_text(part: str | list[dict[str, str]], cut: Callable[[str], str]) -> str | list[dict[str, str]]:
+    if isinstance(part, str):
+        return cut(part)
+    return [m | {"content": cut(m["content"])} if isinstance(m.get("content"), str) else m for m in part]
+
+
+def _holds_what_is_kept(pair: EncodedPair, row: PreferenceRow, cut: PreferenceRow, max_length: int) -> bool:
+    """Whether each part of a cut row still has `max_length` + `MARGIN` tokens past its cut (see `cut_row`)."""
+    need = max_length + MARGIN
+    answers = [(ids, a != b) for ids, a, b in ((pair.chosen_ids, row.chosen, cut.chosen),
+                                                (pair.rejected_ids, row.rejected, cut.rejected))]  # fmt: skip
+    prompt_cut = row.prompt != cut.prompt or row.system != cut.system
+    return all(len(ids) >= need for ids, was_cut in answers if was_cut) and (
+        not prompt_cut or len(pair.prompt_ids) >= 2 * need
+    )
+
+
 # ---- ids ----------------------------------------------------------------------------------------------------------
 
 
@@ -144,6 +191,7 @@ def tokenize_rows(
     use_chat_template: bool,
     desc: str = "tokenizing",
     layout_over: int | None = 0,
+    max_length: int | None = None,
 ) -> list[EncodedPair]:
     """Token ids of each pair, before truncation (see `EncodedPair`).
 
@@ -154,7 +202,16 @@ def tokenize_rows(
     when the tokenizer would add it and the text lacks it; EOS ends plain answers unless they end with it already
     (a chat template writes its own end of turn). `head` and `template` are worked out for prompts longer than
     `layout_over` tokens only (the ones truncation will cut; None: for none), the others get 0 and b"".
+    With `max_length`, text that no truncation to it can keep is left out first (`cut_row`): the ids a truncation
+    to `max_length` keeps are those of the whole text.
     """
+    if max_length is not None:
+        cut = [cut_row(row, max_length) for row in rows]
+        encoded = tokenize_rows(cut, tokenizer, use_chat_template, desc, layout_over)
+        for i, (row, short) in enumerate(zip(rows, cut, strict=True)):
+            if short is not row and not _holds_what_is_kept(encoded[i], row, short, max_length):
+                (encoded[i],) = tokenize_rows([row], tokenizer, use_chat_template, desc, layout_over)
+        return encoded
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     eos = [] if use_chat_template else [tokenizer.eos_token_id]
     offsets_ok = getattr(tokenizer, "is_fast", False)

@@ -77,7 +77,8 @@ def build_pairs(
     `example(pair, position)` turns the pair made of the row at `position` into the split's item (SFT, KTO: the
     rows come as pairs of one answer and another, see `single_answer_rows`); `unit` names the items in the log.
     """
-    encoded = tokenize_rows(rows, tokenizer, use_chat_template, f"tokenizing {split}", layout_over=max_prompt_length)
+    encoded = tokenize_rows(rows, tokenizer, use_chat_template, f"tokenizing {split}", layout_over=max_prompt_length,
+                            max_length=max_length)  # fmt: skip
     pairs, dropped, long_heads, cut_prompts, cut_answers, same = [], [], [], 0, 0, 0
     for position, (row, enc) in enumerate(zip(rows, encoded, strict=True)):
         pair = truncate_pair(
