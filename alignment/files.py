@@ -41,6 +41,22 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
         raise
 
 
+def share_like_plain_writes(path: str | Path) -> None:
+    """Give a directory written in private, and everything in it, the modes a plain write there would have given:
+    0666 for files and 0777 for directories, less the umask (0644 / 0755 under the usual 022).
+
+    `tempfile.mkdtemp` makes its directory 0700 and safetensors (0.8) writes its files 0600: a model, adapter or
+    converted base staged that way and renamed into place would be unreadable to the group on a shared machine,
+    unlike what `save_pretrained` into a plain directory gives. Links are left alone.
+    """
+    mask = _umask()
+    path = Path(path)
+    for item in [path, *path.rglob("*")]:
+        if item.is_symlink():
+            continue
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

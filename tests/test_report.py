@@ -152,3 +152,22 @@ def test_report_over_a_glob_skips_what_is_not_a_run(tmp_path, capsys, caplog):
         main(["report", str(runs / "report"), str(runs / "notes.txt")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "none of" in err and "metrics.csv" in err
+
+
+def test_a_run_with_one_logged_point_draws_a_visible_marker(tmp_path):
+    """A line through one point is invisible: a short series gets a marker on each point (a long one stays a line)."""
+    run = tmp_path / "short"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,step,train/loss\n,1,0.69\n")
+    fig, ax = plt.subplots()
+    _draw(ax, [read_curves(RunDir(run))], "loss")
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [1] and line.get_marker() not in (None, "None", "") and line.get_markersize() > 0
+    plt.close(fig)
+
+    rows = "".join(f",{step},{1 / step}\n" for step in range(1, 101))
+    (run / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
+    fig, ax = plt.subplots()
+    _draw(ax, [read_curves(RunDir(run))], "loss")
+    assert ax.get_lines()[0].get_marker() in (None, "None", "")
+    plt.close(fig)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from alignment.commands.tables import markdown_table
+from alignment.displacement import REFERENCE_METHODS, WINDOW, RewardPoint, displacement_spans
 from alignment.errors import DataError
 from alignment.run.rundir import RunDir, open_run
 
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 PLOTTED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 OVERVIEW = "curves.png"
+FEW_POINTS = 20  # a train series shorter than this gets a marker on each point: one point alone is no line
+DISPLACED = "likelihood displacement"  # the label of the shaded region on the reward panels
 # what each plotted metric measures, per method, as TRL logs it: DPO's rewards are beta * (policy - reference) of
 # summed log-probs (Rafailov et al. 2023, sec. 5), its loss the chosen loss type's; ORPO's and SimPO's beta * the
 # policy's mean log-prob, CPO's beta * its summed log-prob. ORPO's loss holds the chosen answer's NLL (Hong et al.
@@ -59,6 +62,15 @@ class Curves:
             return math.nan
         values = frame[metric].dropna()
         return float(values.iloc[-1]) if len(values) else math.nan
+
+    def displacement(self) -> list[tuple[int, int]]:
+        """The stretches of steps where the train rewards show likelihood displacement (`displacement_spans`); none
+        for a method whose rewards are not measured against a reference (their rewards/chosen is always below 0)."""
+        if self.method not in REFERENCE_METHODS or not {"rewards/chosen", "rewards/margins"} <= set(self.train):
+            return []
+        rows = self.train[["rewards/chosen", "rewards/margins"]].dropna()
+        return displacement_spans([RewardPoint(int(s), float(c), float(m)) for s, (c, m) in zip(
+            rows.index, rows.to_numpy(), strict=True)])  # fmt: skip
 
 
 def read_curves(run: RunDir, label: str | None = None) -> Curves:
@@ -124,7 +136,13 @@ def _draw(ax, curves: list[Curves], metric: str, colors: list[int] | None = None
         color = f"C{i % 10}"
         if metric in run.train and run.train[metric].notna().any():
             values = run.train[metric].dropna()
-            ax.plot(values.index, values.to_numpy(), color=color, linewidth=1.4, label=f"{run.label} train")
+            marker = "o" if len(values) < FEW_POINTS else None
+            ax.plot(values.index, values.to_numpy(), color=color, linewidth=1.4, marker=marker, markersize=3,
+                    label=f"{run.label} train")  # fmt: skip
+            if metric.startswith("rewards/"):
+                for start, end in run.displacement():
+                    ax.axvspan(start, end, color=color, alpha=0.12, hatch="//", linewidth=0,
+                               label=f"{run.label}: {DISPLACED}")  # fmt: skip
         if metric in run.val and run.val[metric].notna().any():
             values = run.val[metric].dropna()
             ax.plot(values.index, values.to_numpy(), color=color, linestyle="none", marker="o",
@@ -207,6 +225,23 @@ def summary(curves: list[Curves], metrics: tuple[str, ...] = PLOTTED) -> str:
     return markdown_table(header, rows)
 
 
+def displacement_note(curves: list[Curves]) -> str:
+    """Markdown: the runs whose train rewards show likelihood displacement, and where; "" when no run has rewards
+    measured against a reference (DPO, KTO)."""
+    checked = [run for run in curves if run.method in REFERENCE_METHODS and "rewards/chosen" in run.train]
+    if not checked:
+        return ""
+    found = [(run.label, spans) for run in checked if (spans := run.displacement())]
+    text = (f"Likelihood displacement (rewards/chosen below 0 and falling while rewards/margins rise, over {WINDOW} "
+            "train logs in a row; shaded on the reward curves): ")  # fmt: skip
+    if not found:
+        return text + f"none of the runs ({', '.join(run.label for run in checked)}).\n"
+    where = "; ".join(f"{label}: " + ", ".join(f"from step {a} to {b}" for a, b in spans) for label, spans in found)
+    return (text + where + ". The policy finds the chosen answers less likely than the reference does, while the "
+            "margin grows (Razin et al. 2024); to keep them likely: --model.rpo_alpha (DPO), a lower learning rate "
+            "or fewer epochs.\n")  # fmt: skip
+
+
 def runs_with_metrics(paths: list[str | Path]) -> list[RunDir]:
     """The paths that are run directories (they hold metrics.csv); the others are skipped with a note, so that
     `report runs/*` passes over report/ or a sweep's directory. A DataError when none is a run."""
@@ -239,6 +274,8 @@ def write_report(paths: list[str | Path], out: str | Path | None = None) -> Path
     overview = plot_overview(curves, target)
     text = "# Training report\n\nFinal logged values (train: mean over the last logging interval; val: the last "
     text += "validation pass).\n\n" + summary(curves) + "\n"
+    note = displacement_note(curves)
+    text += f"{note}\n" if note else ""
     text += f"![all curves]({overview.name})\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images)
     (target / "report.md").write_text(text)
     log.info("report written to %s (report.md, %s and %d plots)", target, overview.name, len(images))

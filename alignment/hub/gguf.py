@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from alignment.errors import ModelLoadError
+from alignment.files import share_like_plain_writes
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def convert(path: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".gguf-"))
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
+    share_like_plain_writes(staging)  # mkdtemp and safetensors write in private
     try:
         staging.rename(target)
     except OSError:  # another process finished first

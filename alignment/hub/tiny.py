@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from alignment.files import cache_dir
+from alignment.files import cache_dir, share_like_plain_writes
 
 TINY = "tiny"  # base name of the offline model: a 2-layer Llama with random weights and a byte tokenizer
 TINY_VERSION = 1  # bump when the tiny model or tokenizer changes, so cached copies are rebuilt
@@ -76,6 +76,7 @@ def build_tiny_model(root: Path | None = None) -> Path:
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+    share_like_plain_writes(staging)  # mkdtemp and safetensors write in private
     try:
         staging.rename(target)
     except OSError:  # another process finished first

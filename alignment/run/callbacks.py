@@ -1,6 +1,7 @@
 """The run's checkpoint callback: last.ckpt and the PEFT adapter saved together, at the step training stopped at,
 with the length of the learning-rate schedule they belong to; and the stop at the first loss or gradient that is not
-a finite number, before it reaches the weights they hold."""
+a finite number, before it reaches the weights they hold; and the warning when the chosen answers' likelihood falls
+below the reference's while the margin grows."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from alignment.displacement import WINDOW, RewardPoint, displaced
 from alignment.errors import ConfigError, RunDirError, RunFinished, TrainingDiverged
+from alignment.files import share_like_plain_writes
 from alignment.run.rundir import commit_adapter, discard_adapter, stage_adapter, write_error
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,8 @@ class RunCheckpoint(ModelCheckpoint):
             if last and self.adapter_dir is not None and trainer.is_global_zero:
                 writing = self.adapter_dir
                 staged = stage_adapter(trainer.lightning_module, self.adapter_dir)
+                if staged is not None:
+                    share_like_plain_writes(staged)  # written in private (mkdtemp, safetensors)
                 writing = filepath
             super()._save_checkpoint(trainer, filepath)  # private API, checked on lightning 2.6: see above
             if staged is not None:
@@ -219,6 +224,70 @@ class StopOnDivergence(Callback):
             bad = [p for p in group_params if not _local(p.grad).isfinite().all()]
             what = f"the gradient of {len(bad)} adapter tensors is not finite (first: {names.get(id(bad[0]), '?')})"
         raise TrainingDiverged(diverged_message(trainer, trainer.global_step + 1, what))
+
+
+class DisplacementWarning(Callback):
+    """One warning line, once per run (process 0 only), when the logged train rewards of a method that scores a
+    reference (DPO, KTO) show likelihood displacement over the last `window` logs: rewards/chosen below 0 and
+    falling while rewards/margins rise (`alignment.displacement.displaced`; Razin et al. 2024, arXiv:2410.08847).
+    Methods without a reference log the policy's own log-probs as rewards, always below 0: it stays silent there.
+
+    Reads the values the module puts in `trainer.callback_metrics` at each train log; the points it read and the
+    step it warned at are kept in checkpoints, so a resumed run neither loses its window nor warns twice.
+    """
+
+    CHOSEN, MARGIN = "train/rewards/chosen", "train/rewards/margins"
+
+    def __init__(self, window: int = WINDOW) -> None:
+        self.window = window
+        self.points: list[RewardPoint] = []
+        self.warned_at: int | None = None  # the step of the log that showed it first
+        self._active = False
+        self._last_read: object = None  # the logged tensor read last: the module logs new tensors each time
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._active = bool(getattr(pl_module, "has_reference", False))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._read(trainer, pl_module)  # the module logs after the callbacks' on_train_batch_end: read it here
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._read(trainer, pl_module)
+
+    def _read(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        chosen, margin = trainer.callback_metrics.get(self.CHOSEN), trainer.callback_metrics.get(self.MARGIN)
+        if not self._active or chosen is None or margin is None or chosen is self._last_read:
+            return
+        if self.points and self.points[-1].step == trainer.global_step:
+            return
+        self._last_read = chosen
+        self.points = [*self.points, RewardPoint(trainer.global_step, float(chosen), float(margin))][-self.window :]
+        if self.warned_at is None and len(self.points) == self.window and displaced(self.points):
+            self.warned_at = trainer.global_step
+            if trainer.is_global_zero:
+                log.warning(displacement_message(self.points, pl_module))
+
+    def state_dict(self) -> dict:
+        return {"points": [list(p) for p in self.points], "warned_at": self.warned_at}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.points = [RewardPoint(int(s), float(c), float(m)) for s, c, m in state_dict.get("points", [])]
+        self.warned_at = state_dict.get("warned_at")
+
+
+def displacement_message(points: list[RewardPoint], pl_module: L.LightningModule) -> str:
+    first, last = points[0], points[-1]
+    remedies = "a lower --model.learning_rate, or fewer epochs"
+    if "rpo_alpha" in getattr(pl_module, "hparams", {}):  # DPO: its NLL term on the chosen answers
+        remedies = "--model.rpo_alpha 1.0 (adds the chosen answers' NLL to the loss), " + remedies
+    return (
+        f"likelihood displacement from step {first.step}: rewards/chosen fell from {first.chosen:.3g} to "
+        f"{last.chosen:.3g} by step {last.step}, below 0, while rewards/margins rose from {first.margin:.3g} to "
+        f"{last.margin:.3g}. The policy now finds the chosen answers less likely than the reference does; the margin "
+        "grows because the rejected answers fall faster, and the probability both lose goes to other answers "
+        "(Razin et al. 2024). Accuracy can keep rising meanwhile. To keep the chosen answers likely: "
+        f"{remedies}. `report` marks the region on the reward curves"
+    )
 
 
 def check_finite_weights(trainer: L.Trainer, saved_step: int) -> None:

@@ -17,7 +17,7 @@ from alignment.errors import ConfigError, RunDirError, RunFinished
 from alignment.files import atomic_write
 from alignment.hub import resolve_base
 from alignment.methods.base import PreferenceModule
-from alignment.run.callbacks import RunCheckpoint, StopOnDivergence
+from alignment.run.callbacks import DisplacementWarning, RunCheckpoint, StopOnDivergence
 from alignment.run.generations import SampleGenerations
 from alignment.run.parser import AlignmentParser
 from alignment.run.resume import AtomicCheckpointIO, ExactResume, RunCSVLogger, checkpoint_step, run_seed
@@ -147,6 +147,7 @@ class AlignmentCLI(LightningCLI):
             )
         )
         callbacks.append(StopOnDivergence())  # at the first loss or gradient not finite, before a save
+        callbacks.append(DisplacementWarning())  # DPO, KTO: chosen rewards below 0 and falling, margin rising
         kwargs["callbacks"] = callbacks
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
