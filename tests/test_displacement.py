@@ -9,9 +9,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from alignment.commands.report import _draw, displacement_note, read_curves  # noqa: E402
 from alignment.displacement import WINDOW, RewardPoint, displaced, displacement_spans, slope  # noqa: E402
+from alignment.run.callbacks import DisplacementWarning  # noqa: E402
 from alignment.run.rundir import RunDir  # noqa: E402
 from alignment.usage import main  # noqa: E402
 
@@ -96,3 +98,64 @@ def test_a_displacing_run_warns_once_and_report_marks_it(tmp_path, caplog):
     assert not ax.patches
     plt.close(fig)
     assert "none of the runs" in displacement_note([curves])
+
+
+class FakeTrainer:
+    """What DisplacementWarning reads of a trainer: the logged metrics, the step and whether it is process 0."""
+
+    def __init__(self, is_global_zero=True):
+        self.callback_metrics, self.global_step, self.is_global_zero = {}, 0, is_global_zero
+
+    def log(self, step, chosen, margin):
+        self.global_step = step
+        self.callback_metrics.update({"train/rewards/chosen": torch.tensor(chosen),
+                                      "train/rewards/margins": torch.tensor(margin)})  # fmt: skip
+
+
+class FakeModule:
+    def __init__(self, has_reference, **hparams):
+        self.has_reference, self.hparams = has_reference, hparams
+
+
+def feed(callback, trainer, module, chosen, margins):
+    """Logs the series, with a batch start between logs that logged nothing (the values stay in the metrics)."""
+    callback.on_train_start(trainer, module)
+    for step, (c, m) in enumerate(zip(chosen, margins, strict=True), start=1):
+        trainer.log(step * 2, c, m)
+        callback.on_train_batch_start(trainer, module, None, 0)
+        trainer.global_step += 1
+        callback.on_train_batch_start(trainer, module, None, 0)
+    callback.on_train_end(trainer, module)
+
+
+FALLING = ([-0.01, -0.05, -0.08, -0.2, -0.3, -0.4, -0.5], [0.02, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7])
+
+
+def test_the_callback_warns_once_for_a_method_with_a_reference_on_process_0(caplog):
+    callback, trainer = DisplacementWarning(), FakeTrainer()
+    with caplog.at_level(logging.WARNING, logger="alignment.run.callbacks"):
+        feed(callback, trainer, FakeModule(True, rpo_alpha=0.0), *FALLING)
+    assert [p.step for p in callback.points] == [6, 8, 10, 12, 14]  # one point a log, not a batch
+    assert callback.warned_at == 10 and len(caplog.records) == 1
+    assert "from step 2" in caplog.records[0].getMessage() and "--model.rpo_alpha" in caplog.records[0].getMessage()
+
+    resumed = DisplacementWarning()
+    resumed.load_state_dict(callback.state_dict())
+    assert resumed.points == callback.points and resumed.warned_at == 10  # a resumed run does not warn again
+
+
+@pytest.mark.parametrize("module, trainer", [
+    (FakeModule(False), FakeTrainer()),  # ORPO, SimPO, CPO: rewards are the policy's own log-probs, below 0
+    (FakeModule(True, rpo_alpha=0.0), FakeTrainer(is_global_zero=False)),  # DDP: process 0 says it
+])  # fmt: skip
+def test_the_callback_is_silent_without_a_reference_and_off_process_0(caplog, module, trainer):
+    with caplog.at_level(logging.WARNING, logger="alignment.run.callbacks"):
+        feed(DisplacementWarning(), trainer, module, *FALLING)
+    assert caplog.records == []
+
+
+def test_kto_is_not_told_of_rpo_alpha(caplog):
+    with caplog.at_level(logging.WARNING, logger="alignment.run.callbacks"):
+        feed(DisplacementWarning(), FakeTrainer(), FakeModule(True, beta=0.1), *FALLING)
+    (record,) = caplog.records
+    assert "rpo_alpha" not in record.getMessage() and "learning_rate" in record.getMessage()
