@@ -5,10 +5,12 @@ that overflows, damaged files, a resume with another seed, the debris of a kill 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -443,3 +445,52 @@ def test_a_moved_run_resumed_from_its_config_is_told_where_it_is(finished, tmp_p
     main(["fit", "--config", str(moved / "config.yaml"), "--ckpt_path", "last", "--trainer.default_root_dir",
           str(moved)])  # fmt: skip
     assert f"nothing to resume: {moved} finished at step 2" in capsys.readouterr().err
+
+
+# ---- 6. sweeps: a pre-empted fit is not "finished", and a signal to the sweep reaches its fit ---------------------
+
+SWEEP = ["sweep", "--config", "demo_dpo.yaml", "--grid", "model.beta=0.1", "--data.limit", "16"]
+
+
+def sweep_status(out: Path) -> str:
+    return json.loads((out / "beta-0.1" / "sweep.json").read_text())["status"]
+
+
+@pytest.mark.slow
+def test_a_sweep_run_preempted_by_sigterm_is_marked_and_continued_on_rerun(tmp_path):
+    """The fit gets SIGTERM after step 2 of 4 (it saves and exits 0). Before: recorded "finished" in sweep.json and
+    sweep.md, and skipped by every rerun."""
+    out = tmp_path / "sweep"
+    args = [*SWEEP, "--out", str(out), "--trainer.max_steps", "4", "--trainer.callbacks+=tests.helpers.SignalAtStep",
+            "--trainer.callbacks.step=2"]  # fmt: skip
+    result = cli(*args)
+    assert result.returncode == 1 and "were interrupted ['beta-0.1']" in result.stderr, result.stderr[-3000:]
+    assert sweep_status(out) == "interrupted at step 2 of 4"
+    assert "| interrupted at step 2 of 4 |" in (out / "sweep.md").read_text()
+
+    result = cli(*args)  # resumed from its last.ckpt (the signal came at step 2, not again)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sweep_status(out) == "finished" and step_of(out / "beta-0.1" / "checkpoints" / "last.ckpt") == 4
+    assert "Restoring states from the checkpoint path" in (out / "beta-0.1" / "fit.log").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_sweep_reaches_its_fit(tmp_path):
+    """Before: the sweep died at once and its fit trained on as an orphan, its run still marked "running"."""
+    out = tmp_path / "sweep"
+    command = [sys.executable, str(ROOT / "cli.py"), *SWEEP, "--out", str(out), "--trainer.max_steps", "400",
+               "--trainer.max_epochs", "100"]  # fmt: skip
+    sweep = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = out / "beta-0.1"
+    deadline = time.time() + 120
+    while not (run / "metrics.csv").exists() and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.2)
+    time.sleep(2)  # training, its signal handlers in place
+    fit_pid = int((run / "fit.lock").read_text())
+    sweep.send_signal(signal.SIGTERM)
+    _, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 0 and "sweep stopped by SIGTERM" in err, err[-3000:]
+    with pytest.raises(ProcessLookupError):
+        os.kill(fit_pid, 0)  # no orphan
+    assert re.fullmatch(r"interrupted at step \d+ of \d+", sweep_status(out)), sweep_status(out)
+    assert "stopped at step" in (run / "fit.log").read_text()

@@ -6,14 +6,21 @@ a crash, an out-of-memory error or a leaked CUDA allocation stays in that run an
 with nothing (seeds, loggers, W&B runs) carried over from the previous one in memory.
 
 A run is finished when its child exited with 0 (recorded in RUN/sweep.json with the exact fit arguments and
-the config's content hash), and RUN holds adapter/ and checkpoints/last.ckpt: a rerun of the sweep skips it.
-A run that was interrupted or failed with the same arguments resumes from its last.ckpt (`--ckpt_path last`,
-which the run's checkpoints make exact); one whose arguments or config changed starts over.
+the config's content hash), RUN holds adapter/ and checkpoints/last.ckpt, and that checkpoint reached the end of
+its schedule: a rerun of the sweep skips it. A fit stopped by SIGTERM or Ctrl-C also exits with 0, at the step it
+saved: that run is recorded "interrupted at step S of N". A run that was interrupted or failed with the same
+arguments resumes from its last.ckpt (`--ckpt_path last`, which the run's checkpoints make exact); one whose
+arguments or config changed starts over.
+
+SIGTERM or Ctrl-C to the sweep goes to the fit running (in its own process group, so that a terminal's Ctrl-C
+reaches it once, through the sweep), which saves and stops; the sweep then records it, writes the table and stops
+too, with status 0 as a fit does. A fit also gets SIGTERM when the sweep dies without a word (SIGKILL, Linux).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import itertools
@@ -21,8 +28,10 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,11 +189,27 @@ def _write_marker(run: SweepRun, config_hash: str, status: str) -> None:
 
 
 def is_finished(run: SweepRun, config_hash: str) -> bool:
-    """The child exited 0 with these exact arguments and config, and left an adapter and a last checkpoint."""
+    """The child exited 0 with these exact arguments and config, and left an adapter and a last checkpoint at the
+    end of its schedule (a sweep before this check recorded a fit stopped by a signal as finished)."""
     marker = _read_marker(run)
     same = marker.get("args") == run.args and marker.get("config_sha256") == config_hash
     files = (run.path / "adapter" / ADAPTER_CONFIG).is_file() and RunDir(run.path).last_checkpoint.is_file()
-    return same and marker.get("status") == "finished" and files
+    return same and marker.get("status") == "finished" and files and not unfinished_step(run)
+
+
+def unfinished_step(run: SweepRun) -> str | None:
+    """`step S of N` when the run's last.ckpt stopped before the end of its schedule, else None (at the end, or
+    nothing to tell: no checkpoint, or one without the schedule's length)."""
+    import torch  # only when a run is looked at: the sweep's own flags answer without torch
+
+    from alignment.run.callbacks import RunCheckpoint
+
+    try:  # mmap: the few bytes of the step, not the adapters and optimizer state
+        checkpoint = torch.load(RunDir(run.path).last_checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        step, total = checkpoint["global_step"], (checkpoint.get(RunCheckpoint.SCHEDULE_KEY) or {})["total_steps"]
+    except Exception:  # missing, damaged, or older than the schedule's record: the fit's resume says what it is
+        return None
+    return f"step {int(step)} of {int(total)}" if int(step) < int(total) else None
 
 
 def _can_resume(run: SweepRun, config_hash: str) -> bool:
@@ -193,8 +218,9 @@ def _can_resume(run: SweepRun, config_hash: str) -> bool:
     return same and RunDir(run.path).last_checkpoint.is_file()
 
 
-def fit_in_child(run: SweepRun, config_hash: str) -> int:
-    """Run the fit in a child process, its output in RUN/fit.log; returns its exit code."""
+def fit_in_child(run: SweepRun, config_hash: str) -> tuple[str, list[str]]:
+    """Run the fit in a child process, its output in RUN/fit.log; returns its status (`finished`, `interrupted at
+    step S of N`, `failed (exit C)`) and the signals the sweep received meanwhile (passed on to the fit)."""
     resume = _can_resume(run, config_hash)
     run.path.mkdir(parents=True, exist_ok=True)
     _write_marker(run, config_hash, "running")
@@ -204,14 +230,43 @@ def fit_in_child(run: SweepRun, config_hash: str) -> int:
     env = os.environ.copy()  # the child imports this same package, wherever the sweep is started from
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     with open(run.path / "fit.log", "a" if resume else "w") as output:
-        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
-        try:
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, process_group=0,
+                                 preexec_fn=_die_with_parent)  # fmt: skip
+        with forward_signals(child) as received:
             code = child.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the child too: let it write its checkpoint before stopping
-            child.wait(timeout=120)
-            raise
-    _write_marker(run, config_hash, "finished" if code == 0 else f"failed (exit {code})")
-    return code
+    stopped = unfinished_step(run) if code == 0 else None
+    status = "finished" if code == 0 else f"failed (exit {code})"
+    status = f"interrupted at {stopped}" if stopped else status
+    _write_marker(run, config_hash, status)
+    return status, received
+
+
+@contextlib.contextmanager
+def forward_signals(child: subprocess.Popen):
+    """SIGINT and SIGTERM to the sweep go to the fit (which saves at the end of its step and exits), once each: a
+    second one stops it at once, as it would a fit run alone. Yields the names of the signals received."""
+    received: list[str] = []
+
+    def forward(signum: int, frame) -> None:
+        received.append(signal.Signals(signum).name)
+        child.send_signal(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # Python lets the main thread alone set them
+        yield received
+        return
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _die_with_parent() -> None:
+    """In the child, before the fit starts: SIGTERM when the sweep dies (Linux's PR_SET_PDEATHSIG), so that a
+    sweep killed outright leaves no fit training on its own."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
 
 
 def final_values(run: SweepRun) -> list[float | None]:
@@ -274,20 +329,31 @@ def run_sweep(
     check_run_dirs(runs)
     target.mkdir(parents=True, exist_ok=True)
     keys = [a.key for a in axes]
+    received: list[str] = []
     with tqdm(runs, desc="sweep", unit="run") as progress:
         for run in progress:
             progress.set_postfix(run=run.path.name)
             if is_finished(run, config_hash):
                 run.status = "finished (earlier)"
                 continue
-            code = fit_in_child(run, config_hash)
-            run.status = "finished" if code == 0 else f"failed (exit {code}, see fit.log)"
+            status, received = fit_in_child(run, config_hash)
+            run.status = f"{status[:-1]}, see fit.log)" if status.startswith("failed") else status
             progress.write(f"{run.path}: {run.status}")
             write_table(runs, keys, target)  # partial results readable while the sweep goes on
+            if received:
+                break
     markdown, _ = write_table(runs, keys, target)
     log.info("sweep table written to %s and %s", markdown, markdown.with_suffix(".csv"))
+    if received:  # pre-empted, as a fit: status 0
+        left = ", ".join(f"{r.path.name} {r.status}" for r in runs if not r.status.startswith("finished"))
+        log.warning("sweep stopped by %s: %s; run the same command again to continue", received[0], left)
+        return markdown
     failed = [r.path.name for r in runs if r.status.startswith("failed")]
-    if failed:
-        log.error("%d of %d runs failed: %s (each run's output is in its fit.log)", len(failed), len(runs), failed)
+    stopped = [r.path.name for r in runs if r.status.startswith("interrupted")]
+    if failed or stopped:
+        log.error(
+            "of %d runs, %d failed %s, %d were interrupted %s (each run's output is in its fit.log); run the same "
+            "command again to continue them", len(runs), len(failed), failed, len(stopped), stopped,
+        )  # fmt: skip
         sys.exit(1)
     return markdown
