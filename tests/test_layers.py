@@ -66,7 +66,7 @@ def test_the_package_has_no_import_circle():
 # bottom up; a module imports from its own layer or those below it (docs/architecture.md draws them)
 LAYERS = [
     ["alignment.errors", "alignment.files", "alignment.lazy"],  # shared by all
-    ["alignment.logprobs", "alignment.losses", "alignment.metrics", "alignment.displacement"],  # pure functions
+    ["alignment.logprobs", "alignment.losses", "alignment.metrics", "alignment.displacement", "alignment.judging"],
     ["alignment.hub"],  # where a base and its tokenizer come from: the hub, its cache, a .gguf file, the tiny model
     ["alignment.data", "alignment.model"],  # rows -> tokens -> batches; base -> LoRA -> log-probs (side by side)
     ["alignment.methods"],  # the LightningModules and the reference scorer

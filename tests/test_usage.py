@@ -17,7 +17,7 @@ from alignment.files import check_writable
 from alignment.run.parser import check_wandb_login
 from tests.test_cli import ROOT, run_cli
 
-VERBS = ["fit", "validate", "report", "compare", "sweep", "merge"]
+VERBS = ["fit", "validate", "report", "compare", "evaluate", "sweep", "merge"]
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:

@@ -1,4 +1,5 @@
-"""The after-training commands: `report`, `compare`, `sweep`, `merge` (`fit` and the rest belong to LightningCLI)."""
+"""The after-training commands: `report`, `compare`, `evaluate`, `sweep`, `merge` (`fit` and the rest belong to
+LightningCLI)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 VERB_HELP = {
     "report": "plots of loss and rewards for one or more runs, and a summary",
     "compare": "answers of the base and of each adapter to the same prompts, side by side",
+    "evaluate": "win-rates judged by a local model, held-out preference accuracy, the judge checked on labels",
     "sweep": "fit every combination of a grid of settings, then tabulate the final rewards",
     "merge": "write the base with the run's adapter merged, in Hugging Face format",
 }
@@ -37,30 +39,38 @@ def _report(args: argparse.Namespace, extra: list[str]) -> None:
     write_report(args.runs, args.out)
 
 
-def _compare(args: argparse.Namespace, extra: list[str]) -> None:
-    from alignment.commands.compare import DecodeOptions, run_compare
+def _decode(args: argparse.Namespace):
+    from alignment.model.generate import DecodeOptions
 
-    decode = DecodeOptions(
+    return DecodeOptions(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
         temperature=args.temperature,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
     )
-    run_compare(
-        prompts=args.prompts,
-        adapters=args.adapter or [],
-        base=args.base,
-        revision=args.revision,
-        load_in_4bit=args.load_in_4bit,
-        decode=decode,
-        chat_template=args.chat_template,
-        prompt_field=args.prompt_field,
-        batch_size=args.batch_size,
-        ngram=args.ngram,
-        seed=args.seed,
-        out=args.out,
-    )
+
+
+def _models(args: argparse.Namespace) -> dict:
+    """The flags `compare` and `evaluate` share: the models, how they answer, and where."""
+    return dict(adapters=args.adapter or [], base=args.base, revision=args.revision, load_in_4bit=args.load_in_4bit,
+                decode=_decode(args), chat_template=args.chat_template, prompt_field=args.prompt_field,
+                batch_size=args.batch_size, ngram=args.ngram, seed=args.seed, out=args.out)  # fmt: skip
+
+
+def _compare(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignment.commands.compare import run_compare
+
+    run_compare(prompts=args.prompts, **_models(args))
+
+
+def _evaluate(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignment.commands.evaluate import run_evaluate
+
+    run_evaluate(prompts=args.prompts, pairs=args.pairs, pairs_rows=args.pairs_rows, judge=args.judge,
+                 judge_revision=args.judge_revision, judge_template=args.judge_template,
+                 judge_in_4bit=args.judge_load_in_4bit, tie_margin=args.tie_margin, max_length=args.max_length,
+                 **_models(args))  # fmt: skip
 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> None:
@@ -85,7 +95,7 @@ def _true_or_false(value: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = VerbParser(prog="cli.py", description="After training: report, compare, sweep, merge.")
+    parser = VerbParser(prog="cli.py", description="After training: report, compare, evaluate, sweep, merge.")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     report = verbs.add_parser("report", help=VERB_HELP["report"])
@@ -94,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(action=_report)
 
     _add_compare(verbs)
+    _add_evaluate(verbs)
 
     sweep = verbs.add_parser(
         "sweep",
@@ -127,26 +138,67 @@ def _add_compare(verbs) -> None:
         "with each answer's repetition score and length, and their averages per model.",
     )
     compare.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet/CSV rows, or TXT (one per line)")
-    compare.add_argument("--prompt-field", default="prompt", help="field holding the prompt in each row")
-    compare.add_argument("--adapter", action="append", metavar="NAME=RUN",
-                         help="run directory (or adapter directory), named NAME in the table; repeatable")  # fmt: skip
-    compare.add_argument("--base", help="base model (default: the first adapter's run base); 'tiny' works offline")
-    compare.add_argument("--revision", help="revision of --base (default: the run's)")
-    compare.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
-                         help="quantize the base to nf4 (default: as the first adapter's run was trained)")  # fmt: skip
-    compare.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
-                         help="auto: as the run was trained, else when the tokenizer has one")  # fmt: skip
-    compare.add_argument("--max-new-tokens", type=int, default=128)
-    compare.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    compare.add_argument("--temperature", type=float, default=0.7, help="with --sample")
-    compare.add_argument("--top-p", type=float, default=0.9, help="with --sample")
-    compare.add_argument("--repetition-penalty", type=float, default=1.0,
-                         help="1.0: none, so that the table shows the models' own repetition")  # fmt: skip
-    compare.add_argument("--batch-size", type=int, default=8)
-    compare.add_argument("--ngram", type=int, default=4, help="n of the repetition score's n-grams (token ids)")
-    compare.add_argument("--seed", type=int, default=0, help="seed of sampling (the same for every model)")
-    compare.add_argument("--out", help="output directory (default: compare/ beside the first adapter's run)")
+    _add_model_flags(compare, "compare")
     compare.set_defaults(action=_compare)
+
+
+def _add_model_flags(verb: argparse.ArgumentParser, name: str) -> None:
+    verb.add_argument("--prompt-field", default="prompt", help="field holding the prompt in each row")
+    verb.add_argument("--adapter", action="append", metavar="NAME=RUN",
+                      help="run directory (or adapter directory), named NAME in the table; repeatable")  # fmt: skip
+    verb.add_argument("--base", help="base model (default: the first adapter's run base); 'tiny' works offline")
+    verb.add_argument("--revision", help="revision of --base (default: the run's)")
+    verb.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                      help="quantize the base to nf4 (default: as the first adapter's run was trained)")  # fmt: skip
+    verb.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
+                      help="auto: as the run was trained, else when the tokenizer has one")  # fmt: skip
+    verb.add_argument("--max-new-tokens", type=int, default=128)
+    verb.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    verb.add_argument("--temperature", type=float, default=0.7, help="with --sample")
+    verb.add_argument("--top-p", type=float, default=0.9, help="with --sample")
+    verb.add_argument("--repetition-penalty", type=float, default=1.0,
+                      help="1.0: none, so that the table shows the models' own repetition")  # fmt: skip
+    verb.add_argument("--batch-size", type=int, default=8)
+    verb.add_argument("--ngram", type=int, default=4, help="n of the repetition score's n-grams (token ids)")
+    verb.add_argument("--seed", type=int, default=0, help="seed of sampling (the same for every model)")
+    verb.add_argument("--out", help=f"output directory (default: {name}/ beside the first adapter's run)")
+
+
+def _rows(value: str) -> slice:
+    """`--pairs-rows 80:120`: a Python slice of the file's rows (either end may be left out)."""
+    start, sep, stop = value.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP (row numbers from 0), got {value!r}") from None
+
+
+def _add_evaluate(verbs) -> None:
+    evaluate = verbs.add_parser(
+        "evaluate",
+        help=VERB_HELP["evaluate"],
+        description="Writes evaluate.md and evaluate.jsonl (every answer, log-prob and judgement, both orders). "
+        "With --prompts: each pair of models' answers judged by --judge in both orders, position bias removed, as a "
+        "win/tie/loss matrix. With --pairs: each model's preference accuracy, and the judge's agreement with the "
+        "labels. Answers are cached: another judge regenerates nothing; a stopped evaluation continues.",
+    )
+    evaluate.add_argument("--prompts", help="prompts to answer and judge: JSONL/JSON/Parquet/CSV rows, or TXT")
+    evaluate.add_argument("--pairs", help="labelled preference pairs (as fit reads them): accuracy, judge check")
+    evaluate.add_argument("--pairs-rows", type=_rows, default=slice(None), metavar="START:STOP",
+                          help="only these rows of --pairs, e.g. 80:120 (rows not trained on)")  # fmt: skip
+    evaluate.add_argument("--judge", help="the judge: a hub name, a directory, a .gguf file or smollm2-135m-instruct")
+    evaluate.add_argument("--judge-revision", help="revision of --judge")
+    evaluate.add_argument("--judge-template", help="the judge's prompt, with {question}, {answer_a}, {answer_b} "
+                          "(default: alignment/assets/judge_template.txt)")  # fmt: skip
+    evaluate.add_argument("--judge-load-in-4bit", action=argparse.BooleanOptionalAction, default=False,
+                          help="quantize the judge to nf4 (default: full precision)")  # fmt: skip
+    evaluate.add_argument("--tie-margin", type=float, default=0.05,
+                          help="a preference within this of 1/2 (position bias removed) is a tie")  # fmt: skip
+    evaluate.add_argument("--max-length", type=int, default=512, help="tokens of prompt + answer scored per pair")
+    _add_model_flags(evaluate, "evaluate")
+    evaluate.set_defaults(action=_evaluate)
 
 
 def run_verb(argv: list[str]) -> bool:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -139,15 +140,24 @@ def generate_all(
         for name in [BASE, *adapters]:
             progress.set_postfix(model=name)
             torch.manual_seed(seed)  # each model samples from the same seed, whatever its place in the order
-            if name == BASE and adapters:
-                with model.disable_adapter():
-                    ids = generate_ids(model, prompts, progress=progress, **generate)
-            else:
-                if name != BASE:
-                    model.set_adapter(name)
+            with use_model(model, name):
                 ids = generate_ids(model, prompts, progress=progress, **generate)
             results[name] = _answers(tokenizer, ids, ngram)
     return results
+
+
+@contextmanager
+def use_model(model: PreTrainedModel, name: str) -> Iterator[None]:
+    """Switch the base (loaded by `load_models`) to the adapter `name`, or to the bare base for BASE."""
+    from peft import PeftModel
+
+    if name == BASE and isinstance(model, PeftModel):  # the base is the adapters disabled
+        with model.disable_adapter():
+            yield
+        return
+    if name != BASE:
+        model.set_adapter(name)
+    yield
 
 
 def load_models(
@@ -209,12 +219,51 @@ def run_compare(
 
     Unset settings come from the first adapter's run (its config.yaml): base, revision, 4-bit, chat template.
     """
-    from alignment.hub.tokenizer import load_tokenizer
-
     decode = decode or DecodeOptions()
     if batch_size < 1 or ngram < 1:
         raise ConfigError(f"--batch-size and --ngram must be >= 1, got {batch_size} and {ngram}")
     rows = read_prompts(prompts, prompt_field)
+    policy = policy_setup(adapters, base, revision, load_in_4bit, chat_template)
+    ids = prompt_token_ids(policy.tokenizer, rows, policy.use_chat)
+    model = load_models(policy.base, policy.revision, policy.in_4bit, policy.adapters)
+    answers = generate_all(model, policy.tokenizer, ids, policy.adapter_names, decode=decode, batch_size=batch_size,
+                           ngram=ngram, seed=seed)  # fmt: skip
+    target = Path(out) if out is not None else policy.home / "compare"
+    write_comparison(target, rows, answers, {**policy.settings(), "repetition n-gram": ngram, **decode.applied()})
+    return target
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The base and its adapters as `compare` and `evaluate` take them, with the settings they were trained with."""
+
+    base: str
+    revision: str | None
+    in_4bit: bool
+    use_chat: bool
+    adapters: list[tuple[str, Path]]
+    tokenizer: PreTrainedTokenizerBase
+    home: Path  # where the outputs go by default: beside the first adapter's run, else the working directory
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [name for name, _ in self.adapters]
+
+    def settings(self) -> dict[str, Any]:
+        return {"base": self.base, "4-bit": self.in_4bit, "chat template": self.use_chat,
+                **{f"adapter {n}": str(p) for n, p in self.adapters}}  # fmt: skip
+
+
+def policy_setup(
+    adapters: list[str],
+    base: str | None,
+    revision: str | None,
+    load_in_4bit: bool | None,
+    chat_template: Literal["auto", "on", "off"],
+) -> Policy:
+    """Unset settings come from the first adapter's run (its config.yaml): base, revision, 4-bit, chat template."""
+    from alignment.hub.tokenizer import load_tokenizer
+
     named = parse_adapters(adapters)
     run = run_of_adapter(named[0][1]) if named else None
     if named:
@@ -226,16 +275,9 @@ def run_compare(
     _check_bases(named, base)
     tokenizer = load_tokenizer(base, revision)
     use_chat = _use_chat_template(chat_template, tokenizer, (run.config().get("data") or {}) if run else {})
-    ids = prompt_token_ids(tokenizer, rows, use_chat)
     in_4bit = load_in_4bit if load_in_4bit is not None else bool(trained.get("load_in_4bit", True))
-    model = load_models(base, revision, in_4bit, named)
-    answers = generate_all(model, tokenizer, ids, [n for n, _ in named], decode=decode, batch_size=batch_size,
-                           ngram=ngram, seed=seed)  # fmt: skip
-    target = Path(out) if out is not None else (run.path.parent if run else Path.cwd()) / "compare"
-    settings = {"base": base, "4-bit": in_4bit, "chat template": use_chat, "repetition n-gram": ngram,
-                **{f"adapter {n}": str(p) for n, p in named}, **decode.applied()}  # fmt: skip
-    write_comparison(target, rows, answers, settings)
-    return target
+    home = run.path.parent if run else Path.cwd()
+    return Policy(base, revision, in_4bit, use_chat, named, tokenizer, home)
 
 
 # ---- output ------------------------------------------------------------------------------------------------------
