@@ -34,8 +34,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ORPO step went from 0.13 s to 7.9 s on 2 busy cores; 1 thread: 0.5 s). Read by libgomp when torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's `alignment`, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # profile_groups, beside this file
 
 import lightning as L  # noqa: E402
+import profile_groups  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
@@ -83,11 +85,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--vary", action="store_true", help="each prompt and answer length uniform in [len/4, len], seeded")
     ap.add_argument("--precompute-ref", action="store_true", help="DPO: reference log-probs from the cache")
-    ap.add_argument("--padding-free", action="store_true", help="ours: sequences packed into one row, no padding")
+    # left out: the trainer's default (on, for DPO without per-token options and ORPO); given: passed to it
+    ap.add_argument(
+        "--padding-free",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ours: sequences packed into one row, no padding (default: the trainer's)",
+    )
     ap.add_argument(
         "--shared-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ours, with --padding-free: each pair's prompt packed once for both answers (default: the trainer's)",
+    )
+    ap.add_argument(
+        "--cpu-bf16",
         action="store_true",
-        help="ours, with --padding-free: each pair's prompt packed once for both answers",
+        help="ours on a CPU: bf16-mixed precision (autocast: the products in bf16, adapters fp32), as on a GPU",
     )
     ap.add_argument("--plain-logps", action="store_true", help="full (2B, T, V) logits, not the lean path")
     ap.add_argument("--logits-chunk-size", type=int, default=None)
@@ -195,20 +209,24 @@ class StepTimer(L.Callback):
 
 
 class StepProfiler(L.Callback):
-    """torch.profiler over the optimizer step after `warm`; its table (operators by self CPU time) to stdout."""
+    """torch.profiler over the optimizer step after `warm`: its table (operators by self CPU time), then the
+    operators' time in groups and the largest products (`profile_groups.py`, the same as `profile_trl.py` prints)."""
 
-    def __init__(self, warm: int, rows: int = 30):
-        self.warm, self.rows, self.profiler = warm, rows, None
+    def __init__(self, warm: int, vocab_size: int, rows: int = 30):
+        self.warm, self.vocab_size, self.rows, self.profiler, self.done = warm, vocab_size, rows, None, False
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
-        if trainer.global_step == self.warm and self.profiler is None:
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        if trainer.global_step == self.warm and self.profiler is None and not self.done:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
             self.profiler.__enter__()
+            self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self.profiler is not None and trainer.global_step == self.warm + 1:
             self.profiler.__exit__(None, None, None)
-            print(self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.rows), flush=True)
+            print(f"PROFILED_STEP_S {time.perf_counter() - self.started:.3f}", flush=True)
+            profile_groups.report(self.profiler, lora_rank=16, vocab_size=self.vocab_size, rows=self.rows)
+            self.profiler, self.done = None, True
 
 
 # ---- one run -----------------------------------------------------------------------------------------------
@@ -223,10 +241,10 @@ def build_module(args: argparse.Namespace, base: Path, cache_dir: Path) -> L.Lig
         base=str(base), load_in_4bit=not args.no_4bit, lora_r=16, lora_alpha=32, lora_dropout=0.0,
         lora_target_modules="all-linear", gradient_checkpointing=checkpointing(args), learning_rate=5e-6,
         lr_scheduler="cosine", beta=0.1, lean_logps=not args.plain_logps, logits_chunk_size=args.logits_chunk_size,
-        padding_free=args.padding_free,
     )  # fmt: skip
-    if args.shared_prompt:  # only given when asked: a version without the setting still runs the rest
-        common["shared_prompt"] = True
+    # only given when asked: a version without the setting (or with other defaults) still runs the rest
+    common.update({k: v for k, v in [("padding_free", args.padding_free), ("shared_prompt", args.shared_prompt)]
+                   if v is not None})  # fmt: skip
     if args.algo == "orpo":
         return ORPO(**common)
     if "reference_cache" in inspect.signature(DPO.__init__).parameters:
@@ -277,10 +295,10 @@ def run_one(args: argparse.Namespace, completion_len: int, work: Path) -> dict:
     timer = StepTimer(args.warm)
     trainer = L.Trainer(
         accelerator="auto", devices=args.devices, strategy=args.strategy, use_distributed_sampler=False,
-        precision="bf16-mixed" if cuda else "32-true", max_steps=args.steps,
+        precision="bf16-mixed" if cuda or args.cpu_bf16 else "32-true", max_steps=args.steps,
         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
-        callbacks=[timer] + ([StepProfiler(args.warm)] if args.profile else []), default_root_dir=str(work),
+        callbacks=[timer] + ([StepProfiler(args.warm, vocab)] if args.profile else []), default_root_dir=str(work),
     )  # fmt: skip
     L.seed_everything(0, verbose=False)
     started = time.perf_counter()
@@ -307,7 +325,8 @@ def summarize(args, completion_len, pair_tokens: float, module, trainer, timer: 
         system="ours", algo=args.algo, size=args.size, four_bit=not args.no_4bit, bs=args.bs, seq=seq, vary=args.vary,
         strategy=args.strategy, rank=trainer.global_rank, world_size=trainer.world_size,
         gradient_checkpointing=checkpointing(args), precompute_ref=args.precompute_ref, lean_logps=not args.plain_logps,
-        padding_free=args.padding_free, shared_prompt=args.shared_prompt,
+        precision=str(trainer.precision), padding_free=bool(module.hparams.get("padding_free")),
+        shared_prompt=bool(module.hparams.get("shared_prompt")),
         timed_steps=timer.timed, step_s=seconds / timer.timed, tokens_per_s=tokens_per_s, total_s=total_s,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

@@ -226,7 +226,7 @@ def test_shared_prompt_refuses_an_attention_that_would_not_read_the_bounds():
 @pytest.mark.parametrize(
     ("name", "kwargs", "message"),
     [
-        ("DPO", {"shared_prompt": True}, "--model.shared_prompt needs --model.padding_free true"),
+        ("DPO", {"shared_prompt": True, "padding_free": False}, "--model.shared_prompt needs --model.padding_free"),
         ("KTO", {"shared_prompt": True, "padding_free": True}, "--model.shared_prompt: KTO does not train on pairs"),
     ],
 )
@@ -269,7 +269,7 @@ def batch_of(name: str):
 
 
 def test_sft_refuses_padding_free_in_one_line():
-    with pytest.raises(ConfigError, match="--model.padding_free: SFT trains on padded rows only"):
+    with pytest.raises(ConfigError, match="--model.padding_free true: SFT trains on padded rows only"):
         alignment.SFT(padding_free=True)
 
 
@@ -278,7 +278,9 @@ def test_sft_refuses_padding_free_in_one_line():
 def test_module_losses_metrics_and_lora_gradients_equal_the_padded_ones(name, kwargs):
     results = []
     for padding_free in (False, True):
-        settings = kwargs if padding_free else {k: v for k, v in kwargs.items() if k != "shared_prompt"}
+        # padding_free alone shares no prompt (left out, shared_prompt is on wherever padding_free is)
+        settings = {"shared_prompt": False, **kwargs} if padding_free else {k: v for k, v in kwargs.items()
+                                                                             if k != "shared_prompt"}  # fmt: skip
         module = seeded_module(name, padding_free=padding_free, **settings)
         loss, metrics = module.compute_loss(batch_of(name))
         loss.backward()

@@ -32,7 +32,7 @@ from alignment.model.load import (
     load_lora,
     read_adapter,
 )
-from alignment.model.packing import pack_rows, pack_shared_prompts, packed_sequence_logps
+from alignment.model.packing import pack_rows, pack_shared_prompts, packed_attention_problem, packed_sequence_logps
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -84,8 +84,12 @@ class PreferenceModule(L.LightningModule):
         logits_chunk_size: answer tokens whose logits exist at once on the lean path; None: about 2**25 logits.
         padding_free: pack the batch's sequences into one row (positions restarting per sequence, attention kept
             within each): no compute on padding; the log-probs equal the padded forward's (`alignment.model.packing`).
+            None: on where the method and its options allow it (not SFT, not DPO's ld_alpha or use_weighting), off
+            elsewhere, said in one log line.
         shared_prompt: with padding_free, each pair's prompt packed once, both its answers attending to it: fewer
             tokens, the same log-probs (methods trained on pairs: DPO, ORPO, SimPO, CPO; needs sdpa attention).
+            None: on where padding_free is and the method trains on pairs (off, in one log line, when the model's
+            attention is not sdpa).
     """
 
     metric_names: list[str] = REWARD_METRICS
@@ -114,8 +118,8 @@ class PreferenceModule(L.LightningModule):
         beta: float = 0.1,
         lean_logps: bool = True,
         logits_chunk_size: int | None = None,
-        padding_free: bool = False,
-        shared_prompt: bool = False,
+        padding_free: bool | None = None,
+        shared_prompt: bool | None = None,
     ):
         super().__init__()
         _check(beta > 0, f"--model.beta must be > 0, got {beta}")
@@ -125,11 +129,10 @@ class PreferenceModule(L.LightningModule):
         _check(0 <= warmup_ratio < 1, f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         _check(warmup_steps >= 0, f"--model.warmup_steps must be >= 0, got {warmup_steps}")
         _check(logits_chunk_size is None or logits_chunk_size > 0, "--model.logits_chunk_size must be > 0 or null")
-        _check(not shared_prompt or padding_free, "--model.shared_prompt needs --model.padding_free true")
-        _check(not shared_prompt or self.data_kind == "pairs",
-               f"--model.shared_prompt: {type(self).__name__} does not train on pairs; it is for DPO, ORPO, SimPO, "
-               "CPO")  # fmt: skip
         self.save_hyperparameters()
+        # the resolved choices replace None in the hyper-parameters (what checkpoints and a resume compare)
+        self.hparams.update(self._fast_path(padding_free, shared_prompt))
+        self._shared_prompt_given = shared_prompt is not None
         self.starting_adapter: dict | None = None  # what names --model.adapter: the reference and a resume depend on it
         if adapter is not None:
             config = read_adapter(adapter, base, revision)
@@ -142,6 +145,30 @@ class PreferenceModule(L.LightningModule):
         self._last_logged_step = -1
         self._lean_checked = False  # the lean path compared with the plain one on a first batch
         self._lean_refused = False  # the plain path for the rest of the run
+
+    def padding_free_problem(self) -> str | None:
+        """Why this method, with its options, cannot train on packed rows (None: it can). Read after the
+        hyper-parameters are saved; methods override it."""
+        return None
+
+    def _fast_path(self, padding_free: bool | None, shared_prompt: bool | None) -> dict[str, bool]:
+        """padding_free and shared_prompt as given, or, left out (None), on wherever they give the padded forward's
+        log-probs. Set true where they cannot work: refused in one line."""
+        why = self.padding_free_problem()
+        _check(not (padding_free and why), f"--model.padding_free true: {why}; leave it out or set "
+               "--model.padding_free false")  # fmt: skip
+        packed = why is None if padding_free is None else padding_free
+        why_shared = None
+        if not packed:
+            why_shared = "--model.shared_prompt needs --model.padding_free true"
+        elif self.data_kind != "pairs":
+            name = type(self).__name__
+            why_shared = f"--model.shared_prompt: {name} does not train on pairs; it is for DPO, ORPO, SimPO, CPO"
+        _check(not (shared_prompt and why_shared), str(why_shared))
+        shared = why_shared is None if shared_prompt is None else shared_prompt
+        if padding_free is None and why:
+            log.info("padding_free off (%s): padded rows", why)
+        return {"padding_free": packed, "shared_prompt": shared}
 
     # ---- model -------------------------------------------------------------------------------------------------
 
@@ -159,6 +186,7 @@ class PreferenceModule(L.LightningModule):
         if hp.adapter is not None:
             self.policy = load_lora(base, hp.adapter, reference=self.has_reference,
                                     gradient_checkpointing=hp.gradient_checkpointing)  # fmt: skip
+            self._shared_prompt_needs_sdpa()
             return
         self.policy = add_lora(
             base,
@@ -168,6 +196,14 @@ class PreferenceModule(L.LightningModule):
             target_modules=hp.lora_target_modules,
             gradient_checkpointing=hp.gradient_checkpointing,
         )
+        self._shared_prompt_needs_sdpa()
+
+    def _shared_prompt_needs_sdpa(self) -> None:
+        """shared_prompt left out is off on a model whose attention would not read the pairs' bounds (not sdpa)."""
+        attention = packed_attention_problem(self.policy)
+        if self.hparams.shared_prompt and not self._shared_prompt_given and attention:
+            log.info("shared_prompt off (%s): each pair's prompt packed twice", attention)
+            self.hparams.shared_prompt = False
 
     @property
     def attached(self) -> bool:

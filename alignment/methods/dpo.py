@@ -52,10 +52,10 @@ class DPO(PreferenceModule):
         loss_weights: one weight per loss_type when it is a list; None: 1 each.
         ld_alpha: LD-DPO (Liu et al. 2024): the tokens of the longer answer of a pair past the shorter one's length
             count ld_alpha times in its log-probs (policy and reference), in [0, 1]; None: plain sums. Not with
-            the reference cache (it keeps plain sums) nor padding_free; computes full logits.
+            the reference cache (it keeps plain sums) nor padding_free (off when left out); computes full logits.
         use_weighting: WPO (Zhou et al. 2024): each pair's loss weighted by the policy's length-normalized
-            probabilities of its two answers (detached); not with aot or aot_unpaired. Needs padding_free false;
-            computes full logits.
+            probabilities of its two answers (detached); not with aot or aot_unpaired. Needs padding_free false (off
+            when left out); computes full logits.
         f_divergence_type: f-DPO's divergence to the reference (Wang et al. 2023): reverse_kl (DPO), forward_kl,
             js_divergence or alpha_divergence; another than reverse_kl only with sigmoid, sigmoid_norm, hinge, ipo,
             exo_pair, robust, discopop and sft.
@@ -120,12 +120,14 @@ class DPO(PreferenceModule):
         _check(ref_model_sync_steps >= 1, f"--model.ref_model_sync_steps must be >= 1, got {ref_model_sync_steps}")
         cache = _reference_cache(reference_cache, ld_alpha=ld_alpha, sync_ref_model=sync_ref_model)
         super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records these too
-        _check(not self.per_token or not self.hparams.padding_free,
-               "--model.ld_alpha and --model.use_weighting read per-token log-probs of the padded forward: set "
-               "--model.padding_free false")  # fmt: skip
         self.reward_mean = RunningMean()  # bco_pair's reward shift: state for an exact resume
         self.reference = ReferenceScorer(self, cache=cache, cache_dir=reference_cache_dir)
         self.reference_synced_step = 0  # TR-DPO: the optimizer step the reference adapter was last moved at
+
+    def padding_free_problem(self) -> str | None:
+        if self.per_token:
+            return "--model.ld_alpha and --model.use_weighting read per-token log-probs of the padded forward"
+        return None
 
     @property
     def loss_types(self) -> list[str]:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from alignment.data import IGNORE_INDEX, SequenceBatch
 from alignment.logprobs import sequence_logps, sequence_logps_from_hidden
-from alignment.methods.base import PreferenceModule, Split, _check
+from alignment.methods.base import PreferenceModule, Split
 
 
 class SFT(PreferenceModule):
@@ -30,8 +30,10 @@ class SFT(PreferenceModule):
     progress_metric = "mean_token_accuracy"
 
     def __init__(self, *args, completion_only_loss: bool = True, **kwargs):
-        _check(not kwargs.get("padding_free"), "--model.padding_free: SFT trains on padded rows only, for now")
         super().__init__(*args, **kwargs)  # the base's save_hyperparameters() records this too
+
+    def padding_free_problem(self) -> str | None:
+        return "SFT trains on padded rows only, for now"
 
     def compute_loss(self, batch: SequenceBatch, split: Split = "train") -> tuple[Tensor, dict[str, Tensor]]:
         labels = batch.labels

@@ -119,6 +119,12 @@ def use_packed_attention(model: torch.nn.Module) -> None:
         base.set_attn_implementation(PACKED_ATTENTION)
 
 
+def packed_attention_problem(model: torch.nn.Module) -> str | None:
+    """Why the model's attention would not read a SharedPromptRows' bounds (None: it is sdpa, or packed_sdpa)."""
+    attention = _attention(model)
+    return None if attention in ("sdpa", PACKED_ATTENTION) else f"the model's attention is {attention}, not sdpa"
+
+
 def _attention(model: torch.nn.Module) -> str:
     """The attention implementation a model runs."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
