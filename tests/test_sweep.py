@@ -161,3 +161,138 @@ def test_sweep_runs_each_combination_once_and_resumes_an_interrupted_one(tmp_pat
     statuses = [r["status"] for r in table_rows(out / "sweep.csv")]
     assert statuses == ["finished", "finished (earlier)"]
     assert "Restoring states" not in (first / "fit.log").read_text()
+
+
+# ---- sweep --evaluate: each run's figures against the base -------------------------------------------------------
+
+
+def test_evaluation_columns_from_hand_made_records(tmp_path):
+    """evaluate.jsonl of tests/test_evaluate.py's records (base, dpo, orpo): each run's row gains its win share
+    against the base and its preference accuracy; a run not evaluated gets empty cells."""
+    from alignment.commands.compare import BASE
+    from alignment.commands.sweep import write_table
+    from alignment.commands.sweep_evaluation import BASE as SWEEP_BASE
+    from alignment.commands.sweep_evaluation import SweepEvaluation, read_figures
+    from alignment.judging import wilson_interval
+    from tests.test_evaluate import records
+
+    assert SWEEP_BASE == BASE
+    folder = tmp_path / "evaluate"
+    folder.mkdir()
+    (folder / "evaluate.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records()))
+    runs = [sweep_run(tmp_path / name, **{"model.beta": beta}) for name, beta in
+            [("dpo", "0.1"), ("orpo", "0.2"), ("failed", "0.3")]]  # fmt: skip
+    runs[2].status = "failed (exit 1, see fit.log)"
+    evaluation = SweepEvaluation({"prompts": "p.jsonl", "judge": "tiny", "pairs": "pairs.jsonl"})
+    read_figures(evaluation, folder, {runs[0].path: "dpo", runs[1].path: "orpo"})
+    write_table(runs, ["model.beta"], tmp_path, evaluation)
+
+    rows = {r["run"]: r for r in table_rows(tmp_path / "sweep.csv")}
+    # dpo beat the base on both prompts (d = 1, 2 for dpo); orpo tied on one (d = 0) and lost the other (d = -1.5)
+    dpo, orpo = rows["dpo"], rows["orpo"]
+    assert [dpo[f"vs_base/{k}"] for k in ("wins", "ties", "losses")] == ["2", "0", "0"]
+    assert [orpo[f"vs_base/{k}"] for k in ("wins", "ties", "losses")] == ["0", "1", "1"]
+    for row, wins in ((dpo, 2), (orpo, 0)):
+        found = [float(row[f"vs_base/win_rate{end}"]) for end in ("", "_low", "_high")]
+        assert found == pytest.approx([wins / 2, *wilson_interval(wins, 2)])
+    # mean log-prob per token, chosen over rejected: dpo (-8/4 > -14/5, -9/4 < -7/5), orpo both
+    assert float(dpo["preference_accuracy"]) == 0.5 and float(orpo["preference_accuracy"]) == 1.0
+    assert float(dpo["preference_accuracy_low"]) == pytest.approx(wilson_interval(1, 2)[0])
+    evaluated = [c for c in rows["failed"] if c.startswith(("vs_base/", "preference_accuracy"))]
+    assert len(evaluated) == 9 and all(rows["failed"][c] == "" for c in evaluated)
+    markdown = (tmp_path / "sweep.md").read_text()
+    assert "| vs_base/win_rate |" in markdown and "the base's preference accuracy 0.0% (95% interval" in markdown
+
+    without_pairs = SweepEvaluation({"prompts": "p.jsonl", "judge": "tiny"})
+    read_figures(without_pairs, folder, {runs[0].path: "dpo"})
+    write_table(runs, ["model.beta"], tmp_path, without_pairs)
+    assert not any(c.startswith("preference") for c in table_rows(tmp_path / "sweep.csv")[0])
+    write_table(runs, ["model.beta"], tmp_path)  # no --evaluate: the table as it was
+    assert not any(c.startswith(("vs_base", "preference")) for c in table_rows(tmp_path / "sweep.csv")[0])
+
+
+def test_adapter_names_of_runs():
+    from pathlib import Path
+
+    from alignment.commands.sweep_evaluation import adapter_names
+
+    paths = [Path("s/beta-0.05_max_epochs-1"), Path("s/beta-0-05_max_epochs-1"), Path("t/beta-0.05_max_epochs-1")]
+    assert list(adapter_names(paths).values()) == ["beta-0-05_max_epochs-1", "beta-0-05_max_epochs-1-1",
+                                                   "beta-0-05_max_epochs-1-2"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--judge", "tiny"], "--judge goes with --evaluate"),
+        (["--pairs", "x.jsonl"], "--pairs goes with --evaluate"),
+        (["--max-new-tokens", "4"], "--max-new-tokens goes with --evaluate"),
+        (["--evaluate", "missing.jsonl", "--judge", "tiny"], "--evaluate missing.jsonl: no such file"),
+        (["--evaluate", "README.md", "--judge", "tiny"], "--evaluate README.md: "),
+        (["--evaluate", "PROMPTS"], "--evaluate: win-rates against the base need a --judge"),
+        (["--evaluate", "PROMPTS", "--judge", "tiny", "--pairs", "missing.jsonl"], "--pairs missing.jsonl: no such"),
+        (["--evaluate", "PROMPTS", "--judge", "tiny", "--tie-margin", "0.5"], "--tie-margin must be within"),
+    ],
+)
+def test_evaluation_mistakes_are_one_line_before_training(tmp_path, capsys, flags, named):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\n")
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", "demo_dpo.yaml", "--grid", "model.beta=0.1", "--out", str(out),
+              *[str(prompts) if f == "PROMPTS" else f for f in flags]])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and named in err, err
+    assert not out.exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_sweep_evaluate_adds_each_runs_figures_against_the_base(tmp_path):
+    """One run of the demo, evaluated by the tiny judge: every cell of its row is what evaluate.jsonl's records
+    give, recomputed here from them; a rerun trains nothing and generates nothing (answers cached)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from alignment.judging import accuracy, tally, verdict
+    from tests.helpers import write_jsonl
+
+    root = Path(__file__).resolve().parents[1]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ("What is 2 + 2?", "Hi")])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"{i} + 1?", "chosen": str(i + 1), "rejected": "1 1"}
+                                                    for i in range(3)])  # fmt: skip
+    out, cache = tmp_path / "sweep", tmp_path / "cache"
+    command = [sys.executable, str(root / "cli.py"), "sweep", "--config", "demo_dpo.yaml", "--grid", "model.beta=0.1",
+               "--out", str(out), "--data.limit", "16", "--trainer.max_steps", "2", "--evaluate", str(prompts),
+               "--judge", "tiny", "--pairs", str(pairs), "--max-new-tokens", "4"]  # fmt: skip
+    env = {**os.environ, "ALIGNMENT_CACHE": str(cache)}
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    [row] = table_rows(out / "sweep.csv")
+    assert row["run"] == "beta-0.1" and row["status"] == "finished"
+    records = [json.loads(line) for line in (out / "evaluate" / "evaluate.jsonl").read_text().splitlines()]
+    name = "beta-0-1"  # the run's name in the evaluation ('.' is not allowed in an adapter name)
+    assert records[0]["models"] == ["base", name] and records[0]["judge"] == "tiny"
+    orders = {(r["prompt"], r["first"]): (r["p_first"], r["p_second"]) for r in records if r["kind"] == "judgement"}
+    versus = tally([verdict(orders[(p, name)], orders[(p, "base")]) for p in (0, 1)], records[0]["tie_margin"])
+    assert [int(row[f"vs_base/{k}"]) for k in ("wins", "ties", "losses")] == [versus.wins, versus.ties, versus.losses]
+    assert [float(row[f"vs_base/win_rate{end}"]) for end in ("", "_low", "_high")] == pytest.approx(versus.share("win"))
+    logps = [r for r in records if r["kind"] == "logps" and r["model"] == name]
+    expected = accuracy(r["chosen_mean"] > r["rejected_mean"] for r in logps)[:3]
+    assert len(logps) == 3 and [float(row[f"preference_accuracy{end}"]) for end in ("", "_low", "_high")] == (
+        pytest.approx(expected)
+    )
+    marker = json.loads((out / "beta-0.1" / MARKER).read_text())["evaluation"]
+    assert marker["model"] == name and marker["vs_base/wins"] == versus.wins
+    assert "| vs_base/win_rate |" in (out / "sweep.md").read_text()
+
+    answers = {p: p.stat().st_mtime_ns for p in (cache / "generations").iterdir()}
+    assert len(answers) == 2  # the base's answers and the run's
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert table_rows(out / "sweep.csv")[0]["status"] == "finished (earlier)"
+    assert {p: p.stat().st_mtime_ns for p in (cache / "generations").iterdir()} == answers  # nothing generated
+    assert "judging" not in result.stderr  # every judgement found in the evaluation's records
+    assert table_rows(out / "sweep.csv")[0] | {"status": "finished"} == row

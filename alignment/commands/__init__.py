@@ -73,10 +73,30 @@ def _evaluate(args: argparse.Namespace, extra: list[str]) -> None:
                  **_models(args))  # fmt: skip
 
 
+# the sweep's evaluation flags (dest -> run_evaluate's keyword), None when not given
+SWEEP_EVALUATION = {"pairs": "pairs", "pairs_rows": "pairs_rows", "judge": "judge", "judge_revision": "judge_revision",
+                    "judge_template": "judge_template", "judge_load_in_4bit": "judge_in_4bit",
+                    "tie_margin": "tie_margin", "max_length": "max_length", "batch_size": "batch_size",
+                    "prompt_field": "prompt_field", "chat_template": "chat_template"}  # fmt: skip
+
+
 def _sweep(args: argparse.Namespace, extra: list[str]) -> None:
     from alignment.commands.sweep import run_sweep
+    from alignment.errors import ConfigError
 
-    run_sweep(args.config, args.grid, fit_args=extra, out=args.out)
+    given = {key: getattr(args, dest) for dest, key in SWEEP_EVALUATION.items() if getattr(args, dest) is not None}
+    if args.evaluate is None:
+        stray = [dest for dest in (*SWEEP_EVALUATION, "max_new_tokens") if getattr(args, dest) is not None]
+        if stray:
+            flag = "--" + stray[0].replace("_", "-")
+            raise ConfigError(f"{flag} goes with --evaluate PROMPTS (the prompts the finished runs answer)")
+        run_sweep(args.config, args.grid, fit_args=extra, out=args.out)
+        return
+    if args.max_new_tokens is not None:
+        from alignment.model.generate import DecodeOptions
+
+        given["decode"] = DecodeOptions(max_new_tokens=args.max_new_tokens)
+    run_sweep(args.config, args.grid, fit_args=extra, out=args.out, evaluate={"prompts": args.evaluate, **given})
 
 
 def _merge(args: argparse.Namespace, extra: list[str]) -> None:
@@ -116,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                        help="a fit flag without its dashes and the values to try; repeat for more keys")  # fmt: skip
     sweep.add_argument("--out", help="sweep directory (default: runs/<config name>-sweep)")
+    _add_sweep_evaluation(sweep)
     sweep.set_defaults(action=_sweep)
 
     merge = verbs.add_parser("merge", help=VERB_HELP["merge"])
@@ -189,16 +210,42 @@ def _add_evaluate(verbs) -> None:
     evaluate.add_argument("--pairs-rows", type=_rows, default=slice(None), metavar="START:STOP",
                           help="only these rows of --pairs, e.g. 80:120 (rows not trained on)")  # fmt: skip
     evaluate.add_argument("--judge", help="the judge: a hub name, a directory, a .gguf file or smollm2-135m-instruct")
-    evaluate.add_argument("--judge-revision", help="revision of --judge")
-    evaluate.add_argument("--judge-template", help="the judge's prompt, with {question}, {answer_a}, {answer_b} "
-                          "(default: alignment/assets/judge_template.txt)")  # fmt: skip
-    evaluate.add_argument("--judge-load-in-4bit", action=argparse.BooleanOptionalAction, default=False,
-                          help="quantize the judge to nf4 (default: full precision)")  # fmt: skip
-    evaluate.add_argument("--tie-margin", type=float, default=0.05,
-                          help="a preference within this of 1/2 (position bias removed) is a tie")  # fmt: skip
-    evaluate.add_argument("--max-length", type=int, default=512, help="tokens of prompt + answer scored per pair")
+    _add_judge_flags(evaluate)
     _add_model_flags(evaluate, "evaluate")
     evaluate.set_defaults(action=_evaluate)
+
+
+def _add_judge_flags(verb: argparse.ArgumentParser) -> None:
+    """The judge's settings, and how --pairs are scored: `evaluate`'s and `sweep --evaluate`'s."""
+    verb.add_argument("--judge-revision", help="revision of --judge")
+    verb.add_argument("--judge-template", help="the judge's prompt, with {question}, {answer_a}, {answer_b} "
+                      "(default: alignment/assets/judge_template.txt)")  # fmt: skip
+    verb.add_argument("--judge-load-in-4bit", action=argparse.BooleanOptionalAction, default=False,
+                      help="quantize the judge to nf4 (default: full precision)")  # fmt: skip
+    verb.add_argument("--tie-margin", type=float, default=0.05,
+                      help="a preference within this of 1/2 (position bias removed) is a tie")  # fmt: skip
+    verb.add_argument("--max-length", type=int, default=512, help="tokens of prompt + answer scored per pair")
+
+
+def _add_sweep_evaluation(sweep: argparse.ArgumentParser) -> None:
+    """`sweep --evaluate PROMPTS --judge J`: evaluate's flags, each left None when not given (then evaluate's
+    default holds), so that one given without --evaluate is named."""
+    sweep.add_argument(
+        "--evaluate",
+        metavar="PROMPTS",
+        help="after the fits, the base and every finished run answer these prompts, judged "
+        "by --judge: each run's win-rate against the base in the table (files: OUT/evaluate/)",
+    )
+    sweep.add_argument("--judge", help="with --evaluate: a hub name, a directory, a .gguf file, smollm2-135m-instruct")
+    sweep.add_argument("--pairs", help="with --evaluate: labelled pairs; each run's preference accuracy in the table")
+    sweep.add_argument("--pairs-rows", type=_rows, metavar="START:STOP", help="only these rows of --pairs, e.g. 80:120")
+    _add_judge_flags(sweep)
+    sweep.add_argument("--max-new-tokens", type=int, help="with --evaluate: answers' length (default 128)")
+    sweep.add_argument("--batch-size", type=int, help="with --evaluate: prompts per batch (default 8)")
+    sweep.add_argument("--prompt-field", help="with --evaluate: field holding the prompt in each row")
+    sweep.add_argument("--chat-template", choices=["auto", "on", "off"],
+                       help="with --evaluate; auto: as the runs were trained")  # fmt: skip
+    sweep.set_defaults(**dict.fromkeys((*SWEEP_EVALUATION, "max_new_tokens"), None))
 
 
 def run_verb(argv: list[str]) -> bool:

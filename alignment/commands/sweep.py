@@ -15,6 +15,9 @@ arguments or config changed starts over.
 SIGTERM or Ctrl-C to the sweep goes to the fit running (in its own process group, so that a terminal's Ctrl-C
 reaches it once, through the sweep), which saves and stops; the sweep then records it, writes the table and stops
 too, with status 0 as a fit does. A fit also gets SIGTERM when the sweep dies without a word (SIGKILL, Linux).
+
+With `--evaluate PROMPTS --judge J`, the finished runs are then evaluated against their base
+(`sweep_evaluation.py`): the table gains each run's win-rate against the base, and RUN/sweep.json its figures.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from tqdm.auto import tqdm
 
 from alignment.commands.report import read_curves
+from alignment.commands.sweep_evaluation import SweepEvaluation, check_evaluation, evaluate_runs
 from alignment.commands.tables import markdown_table, write_csv
 from alignment.errors import ConfigError, DataError
 from alignment.files import ADAPTER_CONFIG
@@ -231,7 +236,7 @@ def fit_in_child(run: SweepRun, config_hash: str) -> tuple[str, list[str]]:
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     with open(run.path / "fit.log", "a" if resume else "w") as output:
         child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, process_group=0,
-                                 preexec_fn=_die_with_parent)  # fmt: skip
+                                 preexec_fn=_die_with_parent())  # fmt: skip
         with forward_signals(child) as received:
             code = child.wait()
     stopped = unfinished_step(run) if code == 0 else None
@@ -262,11 +267,18 @@ def forward_signals(child: subprocess.Popen):
             signal.signal(sig, handler)
 
 
-def _die_with_parent() -> None:
-    """In the child, before the fit starts: SIGTERM when the sweep dies (Linux's PR_SET_PDEATHSIG), so that a
-    sweep killed outright leaves no fit training on its own."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+def _die_with_parent():
+    """The function the child runs before the fit starts: SIGTERM when the sweep dies (Linux's PR_SET_PDEATHSIG),
+    so that a sweep killed outright leaves no fit training on its own. libc's prctl is looked up here, in the parent:
+    the child, between fork and exec, only calls it (no dlopen there). None elsewhere than Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def die_with_parent() -> None:
+        prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+
+    return die_with_parent
 
 
 def final_values(run: SweepRun) -> list[float | None]:
@@ -278,11 +290,20 @@ def final_values(run: SweepRun) -> list[float | None]:
     return [curves.final(split, metric) for metric in TABLE_METRICS for split in ("train", "val")]
 
 
-def write_table(runs: list[SweepRun], keys: list[str], target: Path) -> tuple[Path, Path]:
+def write_table(
+    runs: list[SweepRun], keys: list[str], target: Path, evaluation: SweepEvaluation | None = None
+) -> tuple[Path, Path]:
+    """sweep.md and sweep.csv: a row per run, its values, status and final metrics (and with `evaluation`, its
+    figures against the base, empty for a run not evaluated)."""
     header = ["run", *keys, "status"] + [f"{split}/{m}" for m in TABLE_METRICS for split in ("train", "val")]
     rows = [[r.path.name, *(r.values[k] for k in keys), r.status, *final_values(r)] for r in runs]
+    notes = ""
+    if evaluation is not None:
+        header += evaluation.columns
+        rows = [row + evaluation.cells(r.path) for row, r in zip(rows, runs, strict=True)]
+        notes = "".join(f"{line}\n\n" for line in evaluation.notes)
     markdown, table = target / "sweep.md", target / "sweep.csv"
-    markdown.write_text(f"# Sweep\n\nFinal logged values per run (run directories under {target}).\n\n"
+    markdown.write_text(f"# Sweep\n\nFinal logged values per run (run directories under {target}).\n\n{notes}"
                         + markdown_table(header, rows))  # fmt: skip
     write_csv(table, header, rows)
     return markdown, table
@@ -306,15 +327,24 @@ def check_run_dirs(runs: list[SweepRun]) -> None:
 
 
 def run_sweep(
-    config: str, grid: list[str], *, fit_args: list[str] | None = None, out: str | Path | None = None
+    config: str,
+    grid: list[str],
+    *,
+    fit_args: list[str] | None = None,
+    out: str | Path | None = None,
+    evaluate: dict[str, Any] | None = None,
 ) -> Path:
     """Fit every combination in turn (finished ones skipped), then write sweep.md and sweep.csv; returns the table.
+    `evaluate`: run_evaluate's keywords (prompts, judge, ...) to evaluate the finished runs against the base.
 
     Exits with code 1 after writing the table when a run failed (its output is in RUN/fit.log).
     """
     fit_args = list(fit_args or [])
     if not Path(config).is_file():
         raise ConfigError(f"--config {config}: no such file")
+    evaluation = SweepEvaluation(evaluate) if evaluate is not None else None
+    if evaluation is not None:
+        check_evaluation(evaluation.settings)
     axes = parse_grid(grid)
     combos = combinations(axes)
     check_settings(config, fit_args, combos)
@@ -339,10 +369,17 @@ def run_sweep(
             status, received = fit_in_child(run, config_hash)
             run.status = f"{status[:-1]}, see fit.log)" if status.startswith("failed") else status
             progress.write(f"{run.path}: {run.status}")
-            write_table(runs, keys, target)  # partial results readable while the sweep goes on
+            write_table(runs, keys, target, evaluation)  # partial results readable while the sweep goes on
             if received:
                 break
-    markdown, _ = write_table(runs, keys, target)
+    markdown, _ = write_table(runs, keys, target, evaluation)
+    finished = [r for r in runs if r.status.startswith("finished")]
+    if evaluation is not None and finished and not received:
+        evaluate_runs(evaluation, [r.path for r in finished], target)
+        for run in finished:  # RUN/sweep.json keeps the run's latest figures against the base
+            record = _read_marker(run) | {"evaluation": evaluation.values[run.path]}
+            (run.path / MARKER).write_text(json.dumps(record, indent=1) + "\n")
+        write_table(runs, keys, target, evaluation)
     log.info("sweep table written to %s and %s", markdown, markdown.with_suffix(".csv"))
     if received:  # pre-empted, as a fit: status 0
         left = ", ".join(f"{r.path.name} {r.status}" for r in runs if not r.status.startswith("finished"))
