@@ -1,6 +1,7 @@
 """The run's checkpoint callback: last.ckpt at the final step, the adapter saved with it."""
 
 import lightning as L
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -9,6 +10,7 @@ from alignment.run.callbacks import RunCheckpoint
 from tests.helpers import synthetic_pairs, write_jsonl
 
 
+@pytest.mark.slow
 def test_last_checkpoint_and_adapter_hold_the_final_step_when_stopping_between_saves(tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(40, seed=0))
     data = PreferenceDataModule(str(pairs), max_length=64, batch_size=2, val_fraction=0.1)  # 18 steps an epoch

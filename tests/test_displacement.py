@@ -73,6 +73,7 @@ def fit(root, caplog, *flags):
     return [r.getMessage() for r in caplog.records if "likelihood displacement" in r.getMessage()]
 
 
+@pytest.mark.slow
 def test_a_displacing_run_warns_once_and_report_marks_it(tmp_path, caplog):
     """Plain DPO on the demo pairs at 5e-3 without warmup: the chosen answers' rewards fall below 0 from the first
     steps while the margin grows. With RPO's NLL term on the chosen answers (rpo_alpha 1) they rise above 0."""

@@ -52,6 +52,7 @@ def pairs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("cls", "knobs"), [(DPO, {"loss_type": "bco_pair"})], ids=["bco_pair"])  # others: test_resume
+@pytest.mark.slow
 def test_signal_and_resume_is_bit_exact(cls, knobs, pairs, tmp_path):
     _, uninterrupted = run(cls, pairs, tmp_path / "whole", max_steps=7, **knobs)
     stopped, _ = run(cls, pairs, tmp_path / "split", max_steps=7, extra_callbacks=[SignalAtStep(3)], **knobs)
@@ -62,6 +63,7 @@ def test_signal_and_resume_is_bit_exact(cls, knobs, pairs, tmp_path):
     assert_same_adapters(adapters, uninterrupted)
 
 
+@pytest.mark.slow
 def test_bco_pair_checkpoint_holds_the_reward_mean_and_resume_needs_it(pairs, tmp_path):
     _, uninterrupted = run(DPO, pairs, tmp_path / "whole", max_steps=7, loss_type="bco_pair")
     run(DPO, pairs, tmp_path / "split", max_steps=7, extra_callbacks=[SignalAtStep(3)], loss_type="bco_pair")

@@ -64,6 +64,7 @@ def test_signal_stops_at_the_step_and_resume_is_bit_exact(cls, pairs, tmp_path):
     assert_same_adapters(adapters, uninterrupted)
 
 
+@pytest.mark.slow
 def test_crash_resumes_from_the_last_periodic_checkpoint_bit_exact(pairs, tmp_path):
     _, uninterrupted = run(ORPO, pairs, tmp_path / "whole", max_steps=7)
     with pytest.raises(RuntimeError, match="crash at step 6"):  # in the second epoch; last.ckpt from step 5
@@ -74,6 +75,7 @@ def test_crash_resumes_from_the_last_periodic_checkpoint_bit_exact(pairs, tmp_pa
     assert_same_adapters(adapters, uninterrupted)
 
 
+@pytest.mark.slow
 def test_without_the_rng_state_dropout_would_differ(pairs, tmp_path):
     """The check above can fail: dropping the saved RNG state changes the resumed adapters."""
     _, uninterrupted = run(ORPO, pairs, tmp_path / "whole", max_steps=7)

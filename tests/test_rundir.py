@@ -215,6 +215,7 @@ def test_a_second_fit_is_refused_at_once_and_a_signal_stops_without_validating(t
     assert steps_with(run, "val/loss") == [20 * epoch - 1 for epoch in range(1, (stopped_at - 1) // 20 + 1)]
 
 
+@pytest.mark.slow
 def test_a_signal_on_an_epochs_last_step_stops_without_that_epochs_validation(tmp_path):
     run = tmp_path / "run"
     result = cli("fit", *DEMO, "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "3",
@@ -251,6 +252,7 @@ def test_a_directory_only_the_lock_made_goes_on_release_and_any_other_stays(tmp_
     assert (tmp_path / "mine").is_dir() and (tmp_path / "used" / "run" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_a_fit_in_the_same_process_may_use_the_directory_again_once_the_first_has_returned(tmp_path):
     from alignment.usage import main
 

@@ -164,6 +164,7 @@ def test_the_reference_cache_of_the_bare_base_is_never_read_for_an_adapter(train
 # ---- exact resume ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_started_from_an_adapter_resumes_bit_exact(trained, pairs, tmp_path):
     _, whole = fit(DPO, pairs, tmp_path / "whole", max_steps=7, adapter=str(trained))
     stopped, _ = fit(DPO, pairs, tmp_path / "split", max_steps=7, adapter=str(trained), callbacks=[SignalAtStep(3)])
