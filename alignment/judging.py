@@ -11,6 +11,14 @@ answers (d) and its taste for a position (b): l = d + b. Judged again with the a
 which removes a bias that is the same in both orders exactly (the swap-and-average remedy of Zheng et al.
 2023, "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena", section 3.4, done on log-odds). The judge
 prefers x with probability sigmoid(d); within `margin` of 1/2 it is a tie.
+
+The likelihood judge scores each answer alone, by how much more likely the judge finds it after the question than
+after an empty message, per token (its mean pointwise mutual information with the question, in nats):
+
+    s = (log p(answer | question) - log p(answer | empty)) / tokens
+
+and prefers x over y with probability sigmoid(s_x - s_y). Nothing is shown in an order, so there is no position
+bias to remove and no two orders to disagree.
 """
 
 from __future__ import annotations
@@ -75,7 +83,23 @@ def verdict(x_first: tuple[float, float], y_first: tuple[float, float]) -> Verdi
     forward = _log_odds(*x_first)  # d + b
     backward = _log_odds(*y_first)  # -d + b
     d, b = (forward - backward) / 2, (forward + backward) / 2
-    return Verdict(1 / (1 + math.exp(-d)), b, forward > 0, backward < 0)
+    return Verdict(_sigmoid(d), b, forward > 0, backward < 0)
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def pmi(logp: float, logp_null: float, tokens: int) -> float:
+    """An answer's likelihood score: (log p(answer | question) - log p(answer | an empty message)) / tokens. The
+    answer's own likelihood (its length, its style, a loop predicting itself) is in both terms and cancels."""
+    return (logp - logp_null) / max(tokens, 1)
+
+
+def score_verdict(x: float, y: float) -> Verdict:
+    """The verdict on x vs y from their scores, each answer scored without the other: preference sigmoid(x - y),
+    no position bias, and both 'orders' the same one."""
+    return Verdict(_sigmoid(x - y), 0.0, x > y, x > y)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import pytest
 from alignment.commands.evaluate_tables import Summary, evaluate_summary, summarize
 from alignment.commands.judge import read_template
 from alignment.errors import ConfigError
-from alignment.judging import Tally, Verdict, accuracy, percent, tally, verdict, wilson_interval
+from alignment.judging import Tally, Verdict, accuracy, percent, pmi, score_verdict, tally, verdict, wilson_interval
 from alignment.usage import main
 from tests.helpers import write_jsonl
 from tests.test_usage import error_line, run_cli
@@ -195,7 +195,9 @@ def test_the_judge_alone_on_labelled_pairs_prints_its_agreement(tmp_path):
     rows = [{"prompt": f"What is {i} + {i}?", "chosen": str(2 * i), "rejected": f"{i}{i}{i}"} for i in range(5)]
     pairs = write_jsonl(tmp_path / "p.jsonl", rows)
     out = tmp_path / "out"
-    result = run_cli("evaluate", "--pairs", str(pairs), "--judge", "tiny", "--out", str(out))
+    result = run_cli(
+        "evaluate", "--pairs", str(pairs), "--judge", "tiny", "--judge-mode", "pairwise", "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
     assert first.startswith("judge agreement with the labels: ") and first.endswith("%) over 5 pairs"), first
@@ -221,8 +223,9 @@ def test_every_cell_comes_from_records_and_a_stopped_evaluation_continues(tmp_pa
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ("What is 2 + 2?", "Count to 3.", "Hi")])
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"{i} + 1?", "chosen": str(i + 1), "rejected": "1 1 1 1"}
                                                     for i in range(4)])  # fmt: skip
-    settings = dict(prompts=prompts, pairs=pairs, judge="tiny", decode=DecodeOptions(max_new_tokens=6), batch_size=4,
-                    adapters=[f"dpo={demo_run('dpo')}", f"orpo={demo_run('orpo')}"], out=tmp_path / "ev")  # fmt: skip
+    settings = dict(prompts=prompts, pairs=pairs, judge="tiny", judge_mode="pairwise", batch_size=4,
+                    decode=DecodeOptions(max_new_tokens=6), out=tmp_path / "ev",
+                    adapters=[f"dpo={demo_run('dpo')}", f"orpo={demo_run('orpo')}"])  # fmt: skip
     judged_rows, generated = [], []
     probabilities, generate_ids = Judge.probabilities, evaluate.generate_ids
 
@@ -258,3 +261,66 @@ def test_every_cell_comes_from_records_and_a_stopped_evaluation_continues(tmp_pa
     judged_rows.clear()
     evaluate.run_evaluate(**{**settings, "judge_template": template, "out": tmp_path / "ev2"})
     assert generated == [] and sum(judged_rows) == 18 + 8  # another judge: everything judged, nothing generated
+
+
+def test_likelihood_scores_by_hand():
+    """The likelihood judge: (log p(a | question) - log p(a | empty)) / tokens, and sigmoid of the difference."""
+    assert pmi(-10.0, -16.0, 3) == 2.0 and pmi(0.0, 0.0, 0) == 0.0  # an empty answer scores 0
+    loop = pmi(-4.0, -4.5, 20)  # a loop predicts itself after the question and after nothing alike: near 0
+    right = pmi(-12.0, -30.0, 9)  # the docstring the question asks for: much likelier after it
+    v = score_verdict(right, loop)
+    assert v.preference == pytest.approx(sigmoid(2.0 - 0.025)) and v.bias == 0.0 and not v.orders_disagree
+    assert score_verdict(loop, right).preference == pytest.approx(1 - v.preference)
+    assert score_verdict(-800.0, 0.0).preference == pytest.approx(0.0) and score_verdict(800.0, 0.0).preference == 1.0
+    t = tally([score_verdict(1.0, 0.0), score_verdict(0.0, 0.5), score_verdict(0.1, 0.0)], margin=0.05)
+    assert (t.wins, t.ties, t.losses, t.disagreements, t.mean_bias) == (1, 1, 1, 0, 0.0)
+
+    def score(prompt, model, logp, null, tokens):
+        return {"kind": "score", "prompt": prompt, "model": model, "logp": logp, "logp_null": null, "tokens": tokens}
+
+    records = [{"kind": "settings", "tie_margin": 0.05, "judge_mode": "likelihood", "models": ["base", "dpo"]},
+               score(0, "base", -10.0, -12.0, 2), score(0, "dpo", -10.0, -10.0, 2),  # base +1.0/token, dpo 0
+               score(1, "base", -6.0, -6.0, 3), score(1, "dpo", -3.0, -9.0, 3),  # base 0, dpo +2.0/token
+               *({"kind": "label_score", "pair": 0, "answer": a, "logp": lp, "logp_null": -9.0, "tokens": 3}
+                 for a, lp in (("chosen", -3.0), ("rejected", -9.0)))]  # fmt: skip
+    summary = summarize(records)
+    assert (summary.against("base", "dpo").wins, summary.against("base", "dpo").losses) == (1, 1)
+    assert summary.labels is not None and summary.labels.wins == 1 and summary.labels.disagreements == 0
+    assert "likelihood judge: each answer scored alone" in summary.text()
+    assert all(line.endswith("each answer scored alone") for line in summary.pair_lines())
+
+
+def test_the_likelihood_judge_on_labelled_pairs_by_default(tmp_path):
+    """`evaluate --pairs F --judge tiny`: each answer of each pair scored once, its two log-probs and length in
+    evaluate.jsonl, the agreement recomputed from them; a batch's figures are those of each answer alone."""
+    from alignment.commands.judge import load_judge
+
+    rows = [{"prompt": f"What is {i} + {i}?", "chosen": str(2 * i), "rejected": f"{i}{i}{i} {i}"} for i in range(5)]
+    pairs = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "out"
+    result = run_cli("evaluate", "--pairs", str(pairs), "--judge", "tiny", "--batch-size", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("judge agreement with the labels: ") and first.endswith("%) over 5 pairs"), first
+    records = [json.loads(line) for line in (out / "evaluate.jsonl").read_text().splitlines()]
+    assert records[0]["judge_mode"] == "likelihood" and not any(r["kind"] == "label" for r in records)
+    scored = {(r["pair"], r["answer"]): r for r in records if r["kind"] == "label_score"}
+    assert sorted(scored) == sorted((p, a) for p in range(5) for a in ("chosen", "rejected"))
+    assert all(r["logp"] < 0 and r["logp_null"] < 0 and r["tokens"] >= 1 for r in scored.values())
+    assert summarize(records).label_line() == first and first in (out / "evaluate.md").read_text()
+
+    judge = load_judge("tiny", None, mode="likelihood")
+    items = [judge.render_answer(row["prompt"], row["rejected"]) for row in rows[:3]]
+    together = judge.likelihoods(items)  # padded to the longest
+    for i, item in enumerate(items):
+        assert together[i] == pytest.approx(judge.likelihoods([item])[0], abs=1e-4)
+        assert together[i][:2] == pytest.approx((scored[(i, "rejected")]["logp"], scored[(i, "rejected")]["logp_null"]),
+                                                abs=1e-4)  # fmt: skip
+
+
+def test_the_likelihood_judge_reads_no_template(tmp_path):
+    template = tmp_path / "judge.txt"
+    template.write_text("Q: {question}\nA: {answer_a}\nB: {answer_b}\nBetter:")
+    line = error_line(run_cli("evaluate", "--pairs", "p.jsonl", "--judge", "tiny", "--judge-template", str(template),
+                              "--out", str(tmp_path / "out")))  # fmt: skip
+    assert line.startswith("error: --judge-template: the likelihood judge reads no template"), line

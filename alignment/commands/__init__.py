@@ -69,15 +69,16 @@ def _evaluate(args: argparse.Namespace, extra: list[str]) -> None:
 
     run_evaluate(prompts=args.prompts, pairs=args.pairs, pairs_rows=args.pairs_rows, judge=args.judge,
                  judge_revision=args.judge_revision, judge_template=args.judge_template,
-                 judge_in_4bit=args.judge_load_in_4bit, tie_margin=args.tie_margin, max_length=args.max_length,
-                 **_models(args))  # fmt: skip
+                 judge_in_4bit=args.judge_load_in_4bit, judge_mode=args.judge_mode, tie_margin=args.tie_margin,
+                 max_length=args.max_length, **_models(args))  # fmt: skip
 
 
 # the sweep's evaluation flags (dest -> run_evaluate's keyword), None when not given
 SWEEP_EVALUATION = {"pairs": "pairs", "pairs_rows": "pairs_rows", "judge": "judge", "judge_revision": "judge_revision",
                     "judge_template": "judge_template", "judge_load_in_4bit": "judge_in_4bit",
-                    "tie_margin": "tie_margin", "max_length": "max_length", "batch_size": "batch_size",
-                    "prompt_field": "prompt_field", "chat_template": "chat_template"}  # fmt: skip
+                    "judge_mode": "judge_mode", "tie_margin": "tie_margin", "max_length": "max_length",
+                    "batch_size": "batch_size", "prompt_field": "prompt_field",
+                    "chat_template": "chat_template"}  # fmt: skip
 
 
 def _sweep(args: argparse.Namespace, extra: list[str]) -> None:
@@ -218,6 +219,10 @@ def _add_evaluate(verbs) -> None:
 def _add_judge_flags(verb: argparse.ArgumentParser) -> None:
     """The judge's settings, and how --pairs are scored: `evaluate`'s and `sweep --evaluate`'s."""
     verb.add_argument("--judge-revision", help="revision of --judge")
+    verb.add_argument("--judge-mode", choices=("likelihood", "pairwise"), default="likelihood",
+                      help="likelihood: each answer scored alone by how much more likely the judge finds it after the "
+                      "question than after an empty message; pairwise: the judge picks A or B, both orders "
+                      "(default: likelihood)")  # fmt: skip
     verb.add_argument("--judge-template", help="the judge's prompt, with {question}, {answer_a}, {answer_b} "
                       "(default: alignment/assets/judge_template.txt)")  # fmt: skip
     verb.add_argument("--judge-load-in-4bit", action=argparse.BooleanOptionalAction, default=False,

@@ -35,7 +35,7 @@ from alignment.commands.compare import (
     use_model,
 )
 from alignment.commands.evaluate_tables import summarize, write_evaluation
-from alignment.commands.judge import Judge, judge_all, load_judge
+from alignment.commands.judge import MODES, Judge, judge_all, load_judge
 from alignment.data.batches import TokenizedPair, collate_pairs, truncate_pair
 from alignment.data.encoding import tokenize_rows
 from alignment.data.rows import PreferenceRow, load_rows
@@ -228,7 +228,10 @@ def evaluate_models(policy: Policy, ledger: Ledger, prompts: list[tuple[Prompt, 
 
 # ---- the judge ---------------------------------------------------------------------------------------------------
 
-Job = tuple[Record, tuple[str, str, str]]  # (the record without its probabilities, (question, first, second))
+Job = tuple[
+    Record, tuple[str, ...]
+]  # (the record without its figures, (question, first, second) or (question, answer))
+FIGURES = {"pairwise": ("p_first", "p_second"), "likelihood": ("logp", "logp_null", "tokens")}
 
 
 def _text(part: str | list[dict[str, str]]) -> str:
@@ -241,10 +244,16 @@ def _text(part: str | list[dict[str, str]]) -> str:
 
 
 def answer_jobs(judge: Judge, prompts: list[tuple[Prompt, str | None]], texts: dict[str, list[str]]) -> list[Job]:
-    """Each prompt, each pair of models, both orders."""
+    """Pairwise: each prompt, each pair of models, both orders. Likelihood: each prompt, each model's answer."""
     jobs: list[Job] = []
     for i, (prompt, _) in enumerate(prompts):
         question = _text(prompt)
+        if judge.mode == "likelihood":
+            for name, answers in texts.items():
+                shown = (question, answers[i])
+                jobs.append(({"kind": "score", "key": _digest(judge.identity, *shown), "judge": judge.name,
+                              "prompt": i, "model": name}, shown))  # fmt: skip
+            continue
         for x, y in combinations(texts, 2):
             for first, second in ((x, y), (y, x)):
                 shown = (question, texts[first][i], texts[second][i])
@@ -255,10 +264,17 @@ def answer_jobs(judge: Judge, prompts: list[tuple[Prompt, str | None]], texts: d
 
 
 def label_jobs(judge: Judge, pairs: list[PreferenceRow]) -> list[Job]:
-    """Each pair of the file, its chosen answer shown first, then its rejected one."""
+    """Pairwise: each pair of the file, its chosen answer shown first, then its rejected one. Likelihood: each pair's
+    chosen answer, then its rejected one."""
     jobs: list[Job] = []
     for i, row in enumerate(pairs):
         answers = {"chosen": _text(row.chosen), "rejected": _text(row.rejected)}
+        if judge.mode == "likelihood":
+            for answer, text in answers.items():
+                shown = (_text(row.prompt or ""), text)
+                jobs.append(({"kind": "label_score", "key": _digest(judge.identity, *shown), "judge": judge.name,
+                              "pair": i, "answer": answer}, shown))  # fmt: skip
+            continue
         for first, second in (("chosen", "rejected"), ("rejected", "chosen")):
             shown = (_text(row.prompt or ""), answers[first], answers[second])
             record = {"kind": "label", "key": _digest(judge.identity, *shown), "judge": judge.name, "pair": i,
@@ -270,14 +286,17 @@ def label_jobs(judge: Judge, pairs: list[PreferenceRow]) -> list[Job]:
 def run_jobs(judge: Judge, ledger: Ledger, jobs: list[Job], *, batch_size: int, desc: str) -> None:
     """Judge what the ledger does not hold yet (noting each batch as it is done), then keep every job's record."""
     todo = [(record, shown) for record, shown in jobs if ledger.get(record["key"]) is None]
+    fields = FIGURES[judge.mode]
 
-    def done(indices: list[int], probabilities: list[tuple[float, float]]) -> None:
-        found = zip(indices, probabilities, strict=True)
-        ledger.note([{**todo[i][0], "p_first": a, "p_second": b} for i, (a, b) in found])
+    def done(indices: list[int], figures: list[tuple]) -> None:
+        found = zip(indices, figures, strict=True)
+        ledger.note([{**todo[i][0], **dict(zip(fields, values, strict=True))} for i, values in found])
 
     if todo:
-        judge_all(judge, [judge.render(*shown) for _, shown in todo], batch_size=batch_size, desc=desc, on_batch=done)
-    ledger.keep({**record, "p_first": found["p_first"], "p_second": found["p_second"]}
+        render = judge.render if judge.mode == "pairwise" else judge.render_answer
+        items = [render(*shown) for _, shown in todo]
+        judge_all(judge, items, batch_size=batch_size, desc=desc, on_batch=done)  # type: ignore[arg-type]
+    ledger.keep({**record, **{f: found[f] for f in fields}}
                 for record, _ in jobs if (found := ledger.get(record["key"])))  # fmt: skip
 
 
@@ -300,6 +319,7 @@ def run_evaluate(
     judge_revision: str | None = None,
     judge_template: str | Path | None = None,
     judge_in_4bit: bool = False,
+    judge_mode: str = MODES[0],
     tie_margin: float = 0.05,
     max_length: int = 512,
     batch_size: int = 8,
@@ -311,6 +331,10 @@ def run_evaluate(
     decode = decode or DecodeOptions()
     adapters = adapters or []
     _check(prompts, pairs, adapters, base, judge, tie_margin, batch_size, ngram, max_length)
+    if judge_mode not in MODES:
+        raise ConfigError(f"--judge-mode must be one of {', '.join(MODES)}, got {judge_mode!r}")
+    if judge_mode == "likelihood" and judge_template is not None:
+        raise ConfigError("--judge-template: the likelihood judge reads no template; use it with --judge-mode pairwise")
     prompt_rows = read_prompts(prompts, prompt_field) if prompts else []
     pair_rows = load_rows(str(pairs))[pairs_rows] if pairs else []
     if pairs and not pair_rows:
@@ -320,7 +344,9 @@ def run_evaluate(
     ledger = Ledger(target)
     settings: Record = {"kind": "settings", "tie_margin": tie_margin, "prompts": str(prompts) if prompts else None,
                         "pairs": str(pairs) if pairs else None, "judge": judge,
-                        "judge_template": str(judge_template or "default"), "models": [],
+                        "judge_mode": judge_mode if judge else None,
+                        "judge_template": str(judge_template or "default") if judge_mode == "pairwise" else None,
+                        "models": [],
                         "dpo_adapters": []}  # fmt: skip
     texts: dict[str, list[str]] = {}
     if policy is not None:
@@ -329,7 +355,7 @@ def run_evaluate(
         settings.update(models=[BASE, *policy.adapter_names], dpo_adapters=dpo_adapters(policy),
                         **policy.settings(), **decode.applied())  # fmt: skip
     if judge is not None:
-        loaded = load_judge(judge, judge_template, revision=judge_revision, in_4bit=judge_in_4bit)
+        loaded = load_judge(judge, judge_template, revision=judge_revision, in_4bit=judge_in_4bit, mode=judge_mode)
         if pair_rows:
             run_jobs(loaded, ledger, label_jobs(loaded, pair_rows), batch_size=batch_size, desc="judging labels")
         if prompt_rows:

@@ -12,9 +12,12 @@ from typing import Any
 
 from alignment.commands.tables import markdown_table
 from alignment.files import atomic_write
-from alignment.judging import Tally, accuracy, percent, tally, verdict
+from alignment.judging import Tally, accuracy, percent, pmi, score_verdict, tally, verdict
 
 Record = dict[str, Any]
+LIKELIHOOD = ("Likelihood judge: each answer scored alone, s = (log p(answer | question) - log p(answer | empty "
+              "message)) / tokens under the judge; x is preferred with probability sigmoid(s_x - s_y); nothing is "
+              "shown in an order.")  # fmt: skip
 
 
 @dataclass
@@ -26,6 +29,11 @@ class Summary:
     preference: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)  # model -> accuracy
     dpo_reward: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)
     answers: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> (mean repetition, tokens)
+
+    @property
+    def pairwise(self) -> bool:
+        """Judged pairwise in both orders (else each answer scored alone, by likelihood)."""
+        return self.settings.get("judge_mode", "pairwise") == "pairwise"
 
     def against(self, x: str, y: str) -> Tally:
         found = self.tallies.get((x, y))
@@ -52,7 +60,8 @@ class Summary:
         for (x, y), t in self.tallies.items():
             win = percent(*t.share("win"))
             lines.append(f"{x} vs {y}: {x} wins {t.wins}, ties {t.ties}, loses {t.losses} of {t.n} prompts; "
-                         f"{x}'s win rate {win}; the two orders disagreed on {t.disagreements}")  # fmt: skip
+                         f"{x}'s win rate {win}; " + (f"the two orders disagreed on {t.disagreements}"
+                         if self.pairwise else "each answer scored alone"))  # fmt: skip
         return lines
 
     def matrix(self) -> str:
@@ -90,9 +99,10 @@ class Summary:
         parts = [line for line in [self.label_line()] if line]
         if self.labels is not None:
             margin = self.settings["tie_margin"]
-            parts.append(f"  (both orders judged; they preferred different answers on {self.labels.disagreements} "
-                         f"of {self.labels.n} pairs; a preference within {margin} of 1/2 is a tie, "
-                         "counted half)")  # fmt: skip
+            how = (f"both orders judged; they preferred different answers on {self.labels.disagreements} of "
+                   f"{self.labels.n} pairs" if self.pairwise else "likelihood judge: each answer scored alone, "
+                   "so no order")  # fmt: skip
+            parts.append(f"  ({how}; a preference within {margin} of 1/2 is a tie, counted half)")
         if self.tallies:
             parts += ["", self.matrix(), "", *self.pair_lines()]
         if self.models:
@@ -134,10 +144,23 @@ def summarize(records: list[Record]) -> Summary:
             found = [verdict(orders[(p, x, y)], orders[(p, y, x)]) for p in prompts]
             if found:
                 summary.tallies[(x, y)] = tally(found, margin)
+    scores = {(r["prompt"], r["model"]): pmi(r["logp"], r["logp_null"], r["tokens"]) for r in by_kind.get("score", [])}
+    for i, x in enumerate(models):
+        for y in models[i + 1 :]:
+            prompts = sorted({p for p, m in scores if m == x and (p, y) in scores})
+            if prompts:
+                summary.tallies[(x, y)] = tally(
+                    (score_verdict(scores[(p, x)], scores[(p, y)]) for p in prompts), margin
+                )
     labels = {(r["pair"], r["first"]): (r["p_first"], r["p_second"]) for r in by_kind.get("label", [])}
     pairs = sorted({p for p, _ in labels})
     if pairs:
         summary.labels = tally((verdict(labels[(p, "chosen")], labels[(p, "rejected")]) for p in pairs), margin)
+    alone = {(r["pair"], r["answer"]): pmi(r["logp"], r["logp_null"], r["tokens"])
+             for r in by_kind.get("label_score", [])}  # fmt: skip
+    pairs = sorted({p for p, _ in alone})
+    if pairs:
+        summary.labels = tally((score_verdict(alone[(p, "chosen")], alone[(p, "rejected")]) for p in pairs), margin)
     logps: dict[str, dict[int, Record]] = {}
     for r in by_kind.get("logps", []):
         logps.setdefault(r["model"], {})[r["pair"]] = r
@@ -171,16 +194,21 @@ def write_evaluation(target: Path, summary: Summary, prompts: list) -> None:
     about = "\n".join(f"- {k}: {v}" for k, v in summary.settings.items() if k not in ("kind", "models") and v)
     parts = ["# Evaluation", "", about, ""]
     if summary.labels is not None:
-        parts += ["## The judge against the labels", "", summary.label_line() or "", "",
-                  f"Each pair judged twice (chosen shown first, then rejected), position bias removed by averaging "
-                  f"the two orders' log-odds; a preference within {margin} of 1/2 is a tie and counts half. The two "
-                  f"orders preferred different answers on {summary.labels.disagreements} of {summary.labels.n} "
-                  "pairs. Intervals: Wilson score, 95%.", ""]  # fmt: skip
+        how = (
+            f"Each pair judged twice (chosen shown first, then rejected), position bias removed by averaging the "
+            f"two orders' log-odds; a preference within {margin} of 1/2 is a tie and counts half. The two orders "
+            f"preferred different answers on {summary.labels.disagreements} of {summary.labels.n} pairs."
+            if summary.pairwise
+            else LIKELIHOOD + f" A preference within {margin} of 1/2 is a tie and counts half."
+        )
+        parts += ["## The judge against the labels", "", summary.label_line() or "", "", how,
+                  "Intervals: Wilson score, 95%.", ""]  # fmt: skip
     if summary.tallies:
         parts += ["## Win/tie/loss", "",
                   f"Cells: wins/ties/losses of the row's model against the column's over {len(prompts)} prompts, "
-                  "then its win share with the Wilson 95% interval. Every prompt judged in both orders; a tie is a "
-                  f"preference within {margin} of 1/2 after position bias is removed.", "",
+                  "then its win share with the Wilson 95% interval. " + ("Every prompt judged in both orders; a tie is "
+                  f"a preference within {margin} of 1/2 after position bias is removed." if summary.pairwise else
+                  LIKELIHOOD + f" A tie is a preference within {margin} of 1/2."), "",
                   summary.matrix(), "", *[f"- {line}" for line in summary.pair_lines()], ""]  # fmt: skip
     if summary.models:
         parts += ["## Per model", "",

@@ -1,5 +1,6 @@
-"""A local model as a judge of two answers: its next-token probabilities of the labels A and B after a prompt that
-shows the question and both answers (the template, a file the user may replace). Nothing of its reply is parsed.
+"""A local model as a judge. Pairwise: its next-token probabilities of the labels A and B after a prompt that shows
+the question and both answers (the template, a file the user may replace). Likelihood: its log-probability of each
+answer's tokens after the question, and after an empty message. Nothing of its reply is parsed.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.data.encoding import adds_bos
 from alignment.errors import ConfigError
+from alignment.logprobs import IGNORE_INDEX, sequence_logps
 
 LABELS = ("A", "B")  # the first-shown answer is A
 FIELDS = ("{question}", "{answer_a}", "{answer_b}")
+MODES = ("likelihood", "pairwise")  # --judge-mode; the first is the default
+Scored = tuple[list[int], int]  # a prompt and an answer's token ids, and how many of them are the prompt's
 
 
 def default_template() -> Path:
@@ -42,26 +46,39 @@ def read_template(path: str | Path | None) -> str:
 
 @dataclass
 class Judge:
-    """A loaded judge: its model and tokenizer, the template, and the token ids of the two labels."""
+    """A loaded judge: its model and tokenizer, the template, and (pairwise) the token ids of the two labels."""
 
     name: str  # what the user named (--judge), and what identifies its verdicts with the template
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     template: str
+    mode: str = "pairwise"  # or "likelihood": each answer scored alone, the template unused
 
     def __post_init__(self) -> None:
-        probe = self.render("q", "a", "b")
-        self.label_ids = [self._label_id(probe, label) for label in LABELS]
+        if self.mode == "pairwise":
+            probe = self.render("q", "a", "b")
+            self.label_ids = [self._label_id(probe, label) for label in LABELS]
 
     @property
     def identity(self) -> str:
-        return hashlib.sha256(f"{self.name}\0{self.template}".encode()).hexdigest()[:16]
+        how = self.template if self.mode == "pairwise" else self.mode
+        return hashlib.sha256(f"{self.name}\0{how}".encode()).hexdigest()[:16]
 
     def render(self, question: str, first: str, second: str) -> list[int]:
         """The judge's prompt as token ids, its own chat template's generation prompt at the end when it has one."""
         text = self.template
         for field, value in zip(FIELDS, (question, first, second), strict=True):
             text = text.replace(field, value)
+        return self._message(text)
+
+    def render_answer(self, question: str, answer: str) -> tuple[Scored, Scored]:
+        """The answer after the question, and after an empty message, each as the judge's own reply."""
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        asked, empty = self._message(question), self._message("")
+        return ([*asked, *ids], len(asked)), ([*empty, *ids], len(empty))
+
+    def _message(self, text: str) -> list[int]:
+        """A user message as token ids, the chat template's generation prompt after it when there is one."""
         if self.tokenizer.chat_template:
             messages = [{"role": "user", "content": text}]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -93,8 +110,27 @@ class Judge:
         probs = logits[:, -1].float().softmax(-1)[:, self.label_ids]  # (b, 2)
         return [(a, b) for a, b in probs.tolist()]
 
+    @torch.no_grad()
+    def likelihoods(self, items: Sequence[tuple[Scored, Scored]]) -> list[tuple[float, float, int]]:
+        """(log p(answer | question), log p(answer | empty message), answer tokens) of each item: one right-padded
+        batch of both sequences of every item, the answer's tokens summed."""
+        device = next(self.model.parameters()).device
+        sequences = [s for item in items for s in item]
+        width = max(len(ids) for ids, _ in sequences)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in sequences], device=device)  # (2b, T)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in sequences], device=device)
+        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)  # (2b, T): the answers' tokens only
+        for row, (_, start) in enumerate(sequences):
+            labels[row, :start] = IGNORE_INDEX
+        logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        logps = sequence_logps(logits[:, :-1].float(), labels[:, 1:]).tolist()  # (2b,)
+        return [(logps[2 * i], logps[2 * i + 1], len(item[0][0]) - item[0][1]) for i, item in enumerate(items)]
 
-def load_judge(name: str, template: str | Path | None, *, revision: str | None = None, in_4bit: bool = False) -> Judge:
+
+def load_judge(
+    name: str, template: str | Path | None, *, revision: str | None = None, in_4bit: bool = False, mode: str = MODES[0]
+) -> Judge:
     """The judge named by --judge (a hub name, a directory, a .gguf file, `smollm2-135m-instruct`), full precision
     unless asked: a judge is read, not trained, and small ones are quicker unquantized on a CPU."""
     from alignment.hub.tokenizer import load_tokenizer
@@ -104,22 +140,25 @@ def load_judge(name: str, template: str | Path | None, *, revision: str | None =
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_base(name, revision=revision, load_in_4bit=in_4bit, compute_dtype=dtype, device=device).eval()
-    return Judge(name, model, load_tokenizer(name, revision), text)
+    return Judge(name, model, load_tokenizer(name, revision), text, mode)
 
 
 def judge_all(
     judge: Judge,
-    prompts: list[list[int]],
+    prompts: list[list[int]] | list[tuple[Scored, Scored]],
     *,
     batch_size: int,
     desc: str,
-    on_batch: Callable[[list[int], list[tuple[float, float]]], None],
+    on_batch: Callable[[list[int], list[tuple]], None],
 ) -> None:
-    """(p(A), p(B)) of every prompt, judged in batches of similar length with a progress bar; each batch's
-    indices and probabilities go to `on_batch` as soon as it is done."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    """Every prompt judged (pairwise: (p(A), p(B)); likelihood: `Judge.likelihoods`), in batches of similar length
+    with a progress bar; each batch's indices and figures go to `on_batch` as soon as it is done."""
+    pairwise = judge.mode == "pairwise"
+    size = len if pairwise else (lambda item: len(item[0][0]))
+    order = sorted(range(len(prompts)), key=lambda i: size(prompts[i]))
     with tqdm(total=len(prompts), desc=desc, unit="judgement") as progress:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            on_batch(chunk, judge.probabilities([prompts[i] for i in chunk]))
+            found = [prompts[i] for i in chunk]
+            on_batch(chunk, judge.probabilities(found) if pairwise else judge.likelihoods(found))  # type: ignore[arg-type]
             progress.update(len(chunk))
