@@ -375,7 +375,7 @@ def run_sweep(
     markdown, _ = write_table(runs, keys, target, evaluation)
     finished = [r for r in runs if r.status.startswith("finished")]
     if evaluation is not None and finished and not received:
-        evaluate_runs(evaluation, [r.path for r in finished], target)
+        evaluate_runs(evaluation, [r.path for r in finished], target, run_name)
         for run in finished:  # RUN/sweep.json keeps the run's latest figures against the base
             record = _read_marker(run) | {"evaluation": evaluation.values[run.path]}
             (run.path / MARKER).write_text(json.dumps(record, indent=1) + "\n")

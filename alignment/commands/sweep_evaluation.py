@@ -11,6 +11,7 @@ what a new or retrained run adds. Every figure of the table is read back from th
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,12 @@ def adapter_names(paths: list[Path]) -> dict[Path, str]:
     return names
 
 
-def evaluate_runs(evaluation: SweepEvaluation, run_paths: list[Path], target: Path) -> None:
-    """One evaluation per base the finished runs were trained on (one for a grid that keeps the base), then each
-    run's figures against that base into `evaluation.values`."""
+def evaluate_runs(evaluation: SweepEvaluation, run_paths: list[Path], target: Path,
+                  run_name: Callable[[dict[str, str]], str]) -> None:  # fmt: skip
+    """One evaluation per base the finished runs were trained on (one for a grid that keeps the base; several are
+    named by `run_name` of their base's settings, as the sweep names its runs), then each run's figures against
+    that base into `evaluation.values`."""
     from alignment.commands.evaluate import run_evaluate
-    from alignment.commands.sweep import run_name
 
     groups: dict[tuple, list[Path]] = {}
     for path in run_paths:
