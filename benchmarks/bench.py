@@ -173,10 +173,12 @@ def write_pairs(path: Path, rows: list[dict[str, str]]) -> Path:
 
 
 class StepTimer(L.Callback):
-    """Wall time of the optimizer steps after `warm`, and the accelerator's peak memory from the first step on."""
+    """Wall time of the optimizer steps after `warm` (and the process's CPU time over them: on a shared machine it
+    varies less than the wall time), and the accelerator's peak memory from the first step on."""
 
     def __init__(self, warm: int):
         self.warm, self.start, self.end, self.timed = warm, None, None, 0
+        self.cpu_start, self.cpu_end = 0.0, 0.0
         self.fit_start, self.train_start, self.reference_pairs = None, None, 0
 
     def _now(self) -> float:
@@ -198,14 +200,14 @@ class StepTimer(L.Callback):
         table = pl_module.reference.tables.get("train") if hasattr(pl_module, "reference") else None
         self.reference_pairs = int(filled(table).sum()) if table is not None else 0
         if self.warm == 0:
-            self.start = self._now()
+            self.start, self.cpu_start = self._now(), time.process_time()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step == self.warm:
-            self.start = self._now()
+            self.start, self.cpu_start = self._now(), time.process_time()
         elif step > self.warm:
-            self.end, self.timed = self._now(), step - self.warm
+            self.end, self.timed, self.cpu_end = self._now(), step - self.warm, time.process_time()
 
 
 class StepProfiler(L.Callback):
@@ -326,8 +328,9 @@ def summarize(args, completion_len, pair_tokens: float, module, trainer, timer: 
         strategy=args.strategy, rank=trainer.global_rank, world_size=trainer.world_size,
         gradient_checkpointing=checkpointing(args), precompute_ref=args.precompute_ref, lean_logps=not args.plain_logps,
         precision=str(trainer.precision), padding_free=bool(module.hparams.get("padding_free")),
-        shared_prompt=bool(module.hparams.get("shared_prompt")),
-        timed_steps=timer.timed, step_s=seconds / timer.timed, tokens_per_s=tokens_per_s, total_s=total_s,
+        shared_prompt=bool(module.hparams.get("shared_prompt")), timed_steps=timer.timed, step_s=seconds / timer.timed,
+        step_cpu_s=(timer.cpu_end - timer.cpu_start) / timer.timed,
+        tokens_per_s=tokens_per_s, total_s=total_s,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         flops_per_token=flops, mfu=tokens_per_s * flops / peak_flops if peak_flops else None,

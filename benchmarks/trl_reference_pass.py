@@ -64,12 +64,16 @@ def fp32_adapters(init):
     return wrapper
 
 
+def script_and_flags(argv: list[str]) -> tuple[Path, list[str]]:
+    """The reference script (`--trl-script PATH`, else TRL_SCRIPT) and the flags left for it."""
+    if "--trl-script" not in argv:
+        return TRL_SCRIPT, argv
+    at = argv.index("--trl-script")
+    return Path(argv[at + 1]), argv[:at] + argv[at + 2 :]
+
+
 def main() -> None:
-    argv = sys.argv[1:]
-    script = TRL_SCRIPT
-    if "--trl-script" in argv:
-        at = argv.index("--trl-script")
-        script, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2 :]
+    script, argv = script_and_flags(sys.argv[1:])
     anchor = load_script(script)
     from trl import DPOTrainer
 

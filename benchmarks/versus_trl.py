@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         summary = memory_table(args, flags)
     else:
         summary = throughput(args, flags)
+        summary["machine"] = machine()
+        print(f"machine: {summary['machine']}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print("SUMMARY " + json.dumps(summary))
 
 
