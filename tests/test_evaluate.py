@@ -173,6 +173,7 @@ def test_evaluate_mistakes_are_one_line_naming_the_flag(tmp_path, capsys, args, 
     assert stopped.value.code == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
 
 
+@pytest.mark.slow
 def test_a_mistake_through_the_real_command_line(tmp_path):
     line = error_line(run_cli("evaluate", "--prompts", "p.txt", "--judge", "tiny", "--out", str(tmp_path / "out")))
     assert line.startswith("error: --prompts: win-rates need two or more models: the base and at least one --adapter")
@@ -189,6 +190,7 @@ def test_a_judge_template_without_its_fields_is_refused(tmp_path):
     assert "{answer_b}" in read_template(None) and not read_template(None).startswith("#")  # the default, comments cut
 
 
+@pytest.mark.slow
 def test_the_judge_alone_on_labelled_pairs_prints_its_agreement(tmp_path):
     """`evaluate --pairs F --judge J --out D`: no models, the judge checked against the labels, every judgement in
     both orders in evaluate.jsonl (the tiny judge is random: the figure itself means nothing here)."""
@@ -290,6 +292,7 @@ def test_likelihood_scores_by_hand():
     assert all(line.endswith("each answer scored alone") for line in summary.pair_lines())
 
 
+@pytest.mark.slow
 def test_the_likelihood_judge_on_labelled_pairs_by_default(tmp_path):
     """`evaluate --pairs F --judge tiny`: each answer of each pair scored once, its two log-probs and length in
     evaluate.jsonl, the agreement recomputed from them; a batch's figures are those of each answer alone."""
@@ -318,6 +321,7 @@ def test_the_likelihood_judge_on_labelled_pairs_by_default(tmp_path):
                                                 abs=1e-4)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_likelihood_judge_reads_no_template(tmp_path):
     template = tmp_path / "judge.txt"
     template.write_text("Q: {question}\nA: {answer_a}\nB: {answer_b}\nBetter:")

@@ -78,6 +78,7 @@ def test_shared_prompt_left_out_is_off_on_an_attention_that_would_not_read_the_p
     assert given.hparams.shared_prompt is True  # given: the first packed forward refuses it in one line
 
 
+@pytest.mark.slow
 def test_a_config_keeps_what_was_given_and_an_old_runs_false_stays_false():
     result = run_cli("fit", "--config", "demo_dpo.yaml", "--print_config")
     assert result.returncode == 0, result.stderr[-3000:]

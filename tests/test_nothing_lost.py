@@ -29,6 +29,9 @@ from alignment.run.callbacks import StopOnDivergence
 from alignment.usage import main
 from tests.helpers import write_jsonl
 
+# every case runs the CLI on a trained run or trains one (10 to 40 s each on 2 cores): the whole suite runs them
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "demo_dpo.yaml", "--data.limit", "16", "--trainer.enable_progress_bar", "false"]
 
@@ -456,7 +459,6 @@ def sweep_status(out: Path) -> str:
     return json.loads((out / "beta-0.1" / "sweep.json").read_text())["status"]
 
 
-@pytest.mark.slow
 def test_a_sweep_run_preempted_by_sigterm_is_marked_and_continued_on_rerun(tmp_path):
     """The fit gets SIGTERM after step 2 of 4 (it saves and exits 0). Before: recorded "finished" in sweep.json and
     sweep.md, and skipped by every rerun."""
@@ -474,7 +476,6 @@ def test_a_sweep_run_preempted_by_sigterm_is_marked_and_continued_on_rerun(tmp_p
     assert "Restoring states from the checkpoint path" in (out / "beta-0.1" / "fit.log").read_text()
 
 
-@pytest.mark.slow
 def test_sigterm_to_the_sweep_reaches_its_fit(tmp_path):
     """Before: the sweep died at once and its fit trained on as an orphan, its run still marked "running"."""
     out = tmp_path / "sweep"

@@ -35,6 +35,7 @@ def test_an_old_run_resumes_to_the_adapter_of_an_uninterrupted_run(tmp_path):
     assert any((after[k] != before[k]).any() for k in after)  # and it trained on from the old step 2 to step 4
 
 
+@pytest.mark.slow
 def test_an_old_config_parses_as_it_is(tmp_path):
     result = run_cli("fit", "--config", str(OLD_RUN / "config.yaml"), "--print_config")
     assert result.returncode == 0, result.stderr[-3000:]
