@@ -248,8 +248,9 @@ def test_evaluation_mistakes_are_one_line_before_training(tmp_path, capsys, flag
 
 @pytest.mark.slow
 def test_sweep_evaluate_adds_each_runs_figures_against_the_base(tmp_path):
-    """One run of the demo, evaluated by the tiny judge: every cell of its row is what evaluate.jsonl's records
-    give, recomputed here from them; a rerun trains nothing and generates nothing (answers cached)."""
+    """One run of the demo, evaluated by the tiny judge (pairwise: its records are the judgements of both orders):
+    every cell of its row is what evaluate.jsonl's records give, recomputed here from them; a rerun trains nothing
+    and generates nothing (answers cached)."""
     import os
     import subprocess
     import sys
@@ -265,7 +266,8 @@ def test_sweep_evaluate_adds_each_runs_figures_against_the_base(tmp_path):
     out, cache = tmp_path / "sweep", tmp_path / "cache"
     command = [sys.executable, str(root / "cli.py"), "sweep", "--config", "demo_dpo.yaml", "--grid", "model.beta=0.1",
                "--out", str(out), "--data.limit", "16", "--trainer.max_steps", "2", "--evaluate", str(prompts),
-               "--judge", "tiny", "--pairs", str(pairs), "--max-new-tokens", "4"]  # fmt: skip
+               "--judge", "tiny", "--judge-mode", "pairwise", "--pairs", str(pairs),
+               "--max-new-tokens", "4"]  # fmt: skip
     env = {**os.environ, "ALIGNMENT_CACHE": str(cache)}
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
