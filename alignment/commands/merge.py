@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from alignment.errors import ConfigError
-from alignment.files import RUN_CONFIG, share_like_plain_writes
+from alignment.files import RUN_CONFIG
 from alignment.run.rundir import adapter_dir, base_of, holds_run, replace_dir, run_of_adapter
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,6 @@ def merge_adapter(
     try:
         merged.save_pretrained(staged)
         load_tokenizer(base, revision).save_pretrained(staged)
-        share_like_plain_writes(staged)
         replace_dir(staged, target)
     finally:
         shutil.rmtree(staged, ignore_errors=True)

@@ -16,7 +16,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from alignment.displacement import WINDOW, RewardPoint, displaced
 from alignment.errors import ConfigError, RunDirError, RunFinished, TrainingDiverged
-from alignment.files import share_like_plain_writes
 from alignment.run.rundir import commit_adapter, discard_adapter, stage_adapter, write_error
 
 log = logging.getLogger(__name__)
@@ -79,8 +78,6 @@ class RunCheckpoint(ModelCheckpoint):
             if last and self.adapter_dir is not None and trainer.is_global_zero:
                 writing = self.adapter_dir
                 staged = stage_adapter(trainer.lightning_module, self.adapter_dir)
-                if staged is not None:
-                    share_like_plain_writes(staged)  # written in private (mkdtemp, safetensors)
                 writing = filepath
             super()._save_checkpoint(trainer, filepath)  # private API, checked on lightning 2.6: see above
             if staged is not None:

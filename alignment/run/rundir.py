@@ -18,7 +18,7 @@ from typing import IO, Any
 import yaml
 
 from alignment.errors import ConfigError, RunDirError
-from alignment.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG, check_safetensors
+from alignment.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG, check_safetensors, share_like_plain_writes
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +267,9 @@ def commit_adapter(staged: Path, adapter: Path) -> None:
 
 def replace_dir(staged: Path, target: Path) -> None:
     """Put the directory `staged` in place of `target` (a sibling): the old one goes aside (`.NAME.old-PID`), the new
-    one is renamed in, the old one is removed; a reader finds the old one or the new one, never half of one."""
-    os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes a private directory
+    one is renamed in, the old one is removed; a reader finds the old one or the new one, never half of one. The new
+    one gets a plain write's modes first (mkdtemp and safetensors write in private)."""
+    share_like_plain_writes(staged)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -298,9 +299,3 @@ def _fsync(file: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
