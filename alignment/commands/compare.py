@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from alignment.commands.tables import html_table, markdown_table, visible
+from alignment.commands.tables import BASE, html_table, markdown_table, visible
 from alignment.data.encoding import prompt_ids
 from alignment.data.rows import PreferenceRow, _read_records
 from alignment.errors import ConfigError, DataError
@@ -28,7 +28,6 @@ from alignment.run.rundir import adapter_dir, base_of, run_of_adapter
 
 log = logging.getLogger(__name__)
 
-BASE = "base"  # the column of the base model's answers
 Prompt = str | list[dict[str, str]]
 
 

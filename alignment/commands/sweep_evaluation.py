@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignment.commands.tables import BASE
 from alignment.errors import ConfigError, DataError
 from alignment.judging import percent
 from alignment.run.rundir import RunDir
 
 EVALUATE_DIR = "evaluate"
-BASE = "base"  # evaluate's name for the base (compare.BASE; not imported here: it would bring torch in)
 WIN_COLUMNS = ("vs_base/win_rate", "vs_base/win_rate_low", "vs_base/win_rate_high",
                "vs_base/wins", "vs_base/ties", "vs_base/losses")  # fmt: skip
 PAIRS_COLUMNS = ("preference_accuracy", "preference_accuracy_low", "preference_accuracy_high")

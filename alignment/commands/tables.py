@@ -9,6 +9,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+BASE = "base"  # the base model's name among the models compared (compare's column, evaluate's, sweep's)
+
 Cell = str | float | int | None
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (category Cc)
